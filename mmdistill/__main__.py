@@ -1,0 +1,5 @@
+import sys
+
+from mmdistill.cli import main
+
+sys.exit(main())

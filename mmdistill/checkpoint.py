@@ -1,0 +1,107 @@
+"""Checkpoints written atomically: a directory becomes visible under its final name only
+once everything in it is on disk, so a killed run never leaves a checkpoint that loads."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, teacher, stream, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(student, str(tmp / "student.safetensors"))
+    if teacher is not None and teacher.owns_weights:
+        save_model(teacher.model, str(tmp / "teacher.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "data": stream.state_dict(),
+            "rng": rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `.tmp` leftovers of a killed run are not listed."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def _load_weights(model, file: Path) -> None:
+    missing, unexpected = load_model(model, str(file), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {file}: weights do not match the model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream) -> int:
+    path = Path(path)
+    _load_weights(student, path / "student.safetensors")
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    if teacher is not None and teacher.owns_weights:
+        _load_weights(teacher.model, path / "teacher.safetensors")
+    set_rng_state(state["rng"])
+    return int(state["step"])

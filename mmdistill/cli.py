@@ -1,0 +1,67 @@
+"""`mmdistill` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from omegaconf import OmegaConf
+
+from mmdistill.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no CONFIG given, only overrides
+        config, overrides = None, [config, *overrides]
+    try:
+        cfg = load_config(config or DEFAULT_CONFIG, overrides)
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    from mmdistill.train import train
+
+    try:
+        train(cfg)
+    except FileExistsError as exc:  # a finished run's directory: say so in one line
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from data_tools.cli import main as data_main
+
+    return data_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmdistill", description="On-policy distillation with privileged information.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a student: mmdistill train [CONFIG] [key=value ...]",
+                       description="Train a student. CONFIG is a YAML under configs/ or a path (default: configs/default.yaml); "
+                                   "dotted key=value overrides merge on top, e.g. train.max_steps=10 method=sft.")
+    p.add_argument("config", nargs="?", help="configs/NAME.yaml, NAME, or a path")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_train)
+
+    sub.add_parser("data", help="build and inspect datasets (same as python -m data_tools)", add_help=False)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":  # data_tools parses its own arguments
+        return _data(argparse.Namespace(rest=argv[1:]))
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+    if unknown or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:  # overrides given after --print-config
+        args.overrides = [*args.overrides, *extra]
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Run configuration: structured dataclasses, YAML files and dotted CLI overrides.
+
+Everything that can be wrong with a config is caught here, before a model loads, and reported
+as one line naming the key. The resolved config is saved beside every run's outputs.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, always a single line naming the offending key."""
+
+
+@dataclass
+class ArchConfig:
+    """Architecture of a randomly initialised model (used when `path` is empty)."""
+
+    model_type: str = "llama"
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # a Hugging Face model directory; empty = random init from `arch`
+    gguf_file: Optional[str] = None  # a .gguf inside `path` (transformers dequantises it)
+    tokenizer: Optional[str] = None  # defaults to `path`, else the shipped assets/tokenizer
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    # model: a separate frozen model; frozen_student: a frozen copy of the initial student;
+    # ema: an EMA of the student updated after each optimizer step; live: the student, no_grad.
+    mode: str = "model"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ema_decay: float = 0.99
+
+
+@dataclass
+class PrivilegedConfig:
+    """How privileged information enters the prompts of the privileged views."""
+
+    # Privileged text p, formatted from the sample's fields ({hint}, {reasoning}, {answer}, ...).
+    text: str = "{hint}"
+    # The user turn of privileged views; {prompt} is the task input, {privileged} is p.
+    template: str = "{prompt}\nHint: {privileged}"
+    # Partial views cut this sample field to a prefix of `partial_ratio` of its characters.
+    partial_field: str = "hint"
+    partial_ratio: float = 0.5
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    num_rollouts: int = 1  # rollouts per prompt
+
+
+@dataclass
+class ArithDataConfig:
+    digits: int = 2
+    ops: str = "+"
+    seed: int = 0
+    num_train: int = 5000
+    num_test: int = 200
+
+
+@dataclass
+class DataConfig:
+    source: str = "arith"  # arith: the built-in procedural task; jsonl: records from `train_path`
+    train_path: Optional[str] = None
+    test_path: Optional[str] = None
+    arith: ArithDataConfig = field(default_factory=ArithDataConfig)
+
+
+@dataclass
+class OPDConfig:
+    estimator: str = "full"  # sampled | topk | full
+    topk: int = 128
+    target: str = "teacher_plain"
+    reduction: str = "seq"  # seq: mean per sequence then over sequences; token: over all tokens
+    topk_from: str = "student"  # whose top-K ids the topk estimator renormalises over
+
+
+@dataclass
+class SFTConfig:
+    reduction: str = "seq"
+
+
+@dataclass
+class MethodConfig:
+    name: str = "opd"
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/${method.name}-${now:}"
+    max_steps: int = 50
+    batch_size: int = 8  # prompts per micro-batch
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto | a checkpoint directory
+    max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 0  # held-out samples scored before and after training; 0 = skip
+    batch_size: int = 32
+    max_new_tokens: int = 48
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    privileged: PrivilegedConfig = field(default_factory=PrivilegedConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.model.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.mode": ("model", "frozen_student", "ema", "live"),
+    "data.source": ("arith", "jsonl"),
+    "method.name": ("sft", "opd"),
+    "method.opd.estimator": ("sampled", "topk", "full"),
+    "method.opd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
+    "method.opd.reduction": ("seq", "token"),
+    "method.opd.topk_from": ("student", "teacher"),
+    "method.sft.reduction": ("seq", "token"),
+}
+
+# key -> (lowest, highest, whether the lowest is allowed)
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "teacher.ema_decay": (0.0, 1.0, True),
+    "privileged.partial_ratio": (0.0, 1.0, True),
+    "rollout.max_new_tokens": (0, float("inf"), False),
+    "rollout.temperature": (0.0, float("inf"), True),
+    "rollout.top_p": (0.0, 1.0, False),
+    "rollout.num_rollouts": (0, float("inf"), False),
+    "method.opd.topk": (0, float("inf"), False),
+    "optim.lr": (0.0, float("inf"), False),
+    "optim.warmup_ratio": (0.0, 1.0, True),
+    "optim.grad_clip": (0.0, float("inf"), True),
+    "train.max_steps": (0, float("inf"), False),
+    "train.batch_size": (0, float("inf"), False),
+    "train.grad_accum": (0, float("inf"), False),
+    "train.keep_checkpoints": (0, float("inf"), False),
+    "train.log_every": (0, float("inf"), False),
+    "train.checkpoint_every": (0, float("inf"), True),
+    "train.max_length": (0, float("inf"), True),
+    "eval.num_samples": (0, float("inf"), True),
+    "eval.batch_size": (0, float("inf"), False),
+    "eval.max_new_tokens": (0, float("inf"), False),
+    "data.arith.digits": (0, 6, False),
+    "data.arith.num_train": (0, float("inf"), False),
+    "data.arith.num_test": (0, float("inf"), True),
+}
+
+
+def _now() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _asset(name: str) -> str:
+    return str(REPO_ROOT / "assets" / name)
+
+
+for _name, _fn in (("now", _now), ("asset", _asset)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_resolver(_name, _fn, use_cache=True, annotation_validation="off")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, else a file under configs/ (with or without .yaml)."""
+    for cand in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name}' not found (a path, or one of configs/: {known})")
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in str(exc) or "Key '" in msg and "not" in msg:
+        parent = key.rsplit(".", 1)[0] if key and "." in key else ""
+        node = OmegaConf.structured(Config)
+        try:
+            allowed = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+        except Exception:  # the parent itself is unknown
+            allowed = []
+        return f"unknown config key '{key}'" + (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def _sugar(overrides: list[str]) -> list[str]:
+    """`method=NAME` selects a method group, as the user would expect."""
+    return [f"method.name={o.split('=', 1)[1]}" if o.startswith("method=") else o for o in overrides]
+
+
+def _group_clash(schema: DictConfig, layer: Any, prefix: str = "") -> str | None:
+    """The first key where a layer puts a scalar on a group (OmegaConf's merge error does not name it)."""
+    if not isinstance(layer, dict):
+        return None
+    for key, value in layer.items():
+        full = f"{prefix}{key}"
+        node = schema.get(key) if key in schema else None
+        if isinstance(node, DictConfig):
+            if not isinstance(value, dict):
+                return full
+            found = _group_clash(node, value, full + ".")
+            if found:
+                return found
+    return None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    import yaml
+
+    try:
+        layer = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys at the top level")
+    return layer
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Schema <- YAML file <- dotted overrides, validated and resolved."""
+    schema = OmegaConf.structured(Config)
+    overrides = _sugar(list(overrides))
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not key=value")
+    layers = [_read_yaml(resolve_config_path(str(path)))] if path is not None else []
+    try:
+        layers.append(OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    for layer in layers:
+        clash = _group_clash(schema, OmegaConf.to_container(layer, resolve=False))
+        if clash:
+            raise ConfigError(f"config key '{clash}' is a group; set its fields instead (e.g. {clash}.<field>=...)")
+    try:
+        cfg = OmegaConf.merge(schema, *layers)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
+    for key, (lo, hi, lo_ok) in RANGES.items():
+        v = OmegaConf.select(cfg, key)
+        if not ((v >= lo if lo_ok else v > lo) and v <= hi):
+            bound = f"{'[' if lo_ok else '('}{lo}, {hi}]"
+            raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
+    if cfg.data.source == "jsonl" and not cfg.data.train_path:
+        raise ConfigError("config key 'data.train_path' must be set when data.source=jsonl")
+    if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:
+        raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
+    if cfg.student.gguf_file and not cfg.student.path:
+        raise ConfigError("config key 'student.gguf_file' needs student.path")
+    if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
+        raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
+
+
+def method_options(cfg: DictConfig) -> dict[str, Any]:
+    """The chosen method's own config group as plain keyword arguments."""
+    group = cfg.method.get(cfg.method.name)
+    return dict(OmegaConf.to_container(group)) if group is not None else {}
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))

@@ -1,0 +1,74 @@
+"""Sample records for training and evaluation, and a resumable shuffled stream over them."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mmdistill.tasks import arith
+
+
+def load_split(cfg: DictConfig, split: str) -> list[dict]:
+    if cfg.source == "arith":
+        n = cfg.arith.num_train if split == "train" else cfg.arith.num_test
+        return arith.make_samples(n, cfg.arith.seed, split=split, digits=cfg.arith.digits, ops=tuple(cfg.arith.ops))
+    path = cfg.train_path if split == "train" else cfg.test_path
+    if not path:
+        return []
+    return read_jsonl(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records with a task (`prompt` or `messages`); every bad line is named, none dropped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict) or not ("prompt" in rec or "messages" in rec):
+                raise ValueError(f"{path}:{n}: a record needs a 'prompt' or 'messages' field")
+            rec.setdefault("id", f"{Path(path).name}:{n}")
+            out.append(rec)
+    if not out:
+        raise ValueError(f"{path}: no samples")
+    return out
+
+
+class SampleStream:
+    """Endless batches, reshuffled every epoch from (seed, epoch): its position is two ints,
+    so a resumed run continues on exactly the samples it would have seen."""
+
+    def __init__(self, samples: list[dict], batch_size: int, seed: int):
+        if not samples:
+            raise ValueError("the training split has no samples")
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            batch.append(self.samples[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._shuffle(self.epoch)

@@ -1,0 +1,160 @@
+"""The training recipe: one loop for every method.
+
+A step: sample responses (student rollouts, or oracle responses for off-policy methods), let
+the method read the views it names, back-propagate into the student, step the optimizer, move
+the self-teacher. Nothing here knows which method or modality is running.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from mmdistill.adapters import TextAdapter
+from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mmdistill.config import method_options, save_config
+from mmdistill.data import SampleStream, load_split
+from mmdistill.evaluate import accuracy
+from mmdistill.methods import build_method
+from mmdistill.metrics import MetricsLogger
+from mmdistill.models import check_same_vocab, load_model, load_tokenizer, max_positions
+from mmdistill.teachers import Teacher
+from mmdistill.views import VIEW_SPEC, Views
+
+
+def _prepare_run_dir(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.train.resume == "none" and list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"train.output_dir '{run_dir}' already holds checkpoints; set train.resume=auto to continue it "
+            "or choose another train.output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _build_teacher(cfg: DictConfig, method, student, tokenizer, device) -> Teacher | None:
+    if not any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
+        return None
+    model = None
+    if cfg.teacher.mode == "model":
+        t_tok = load_tokenizer(cfg.teacher.model)
+        check_same_vocab(tokenizer, t_tok, f"teacher.model.path={cfg.teacher.model.path}")
+        model = load_model(cfg.teacher.model, t_tok, seed=cfg.train.seed + 1).to(device)
+    return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay)
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(cfg.train.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint directory")
+    return path
+
+
+def train(cfg: DictConfig) -> Path:
+    set_seed(cfg.train.seed)
+    accelerator = Accelerator()
+    run_dir = _prepare_run_dir(cfg)
+    method = build_method(cfg.method.name, **method_options(cfg))
+
+    tokenizer = load_tokenizer(cfg.student)
+    student = load_model(cfg.student, tokenizer, seed=cfg.train.seed).to(accelerator.device)
+    student.train()
+    teacher = _build_teacher(cfg, method, student, tokenizer, accelerator.device)
+    limits = [cfg.train.max_length] if cfg.train.max_length else []
+    limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
+    adapter = TextAdapter(tokenizer, cfg.privileged, max_length=min(limits) if limits else 0)
+
+    stream = SampleStream(load_split(cfg.data, "train"), cfg.train.batch_size, cfg.train.seed)
+    test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * cfg.train.max_steps), cfg.train.max_steps)
+
+    start = 0
+    resume_from = _resume_path(cfg, run_dir)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, student=student, optimizer=optimizer, scheduler=scheduler, teacher=teacher, stream=stream)
+        accelerator.print(f"resumed from {resume_from} at step {start}")
+
+    summary: dict = {"method": cfg.method.name, "run_dir": str(run_dir)}
+    if test and start == 0:
+        summary["accuracy_before"] = accuracy(adapter, student, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        accelerator.print(f"held-out accuracy before: {summary['accuracy_before']:.3f} ({len(test)} samples)")
+
+    logger = MetricsLogger(run_dir, start)
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not cfg.train.progress, desc=f"train {cfg.method.name}")
+    step = start
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        parts: dict[str, float] = {}
+        tokens, lengths = 0, []
+        for _ in range(cfg.train.grad_accum):
+            samples = stream.next()
+            batch = adapter.rollout(student, samples, cfg.rollout) if method.on_policy else adapter.oracle_batch(samples)
+            views = Views(adapter, batch, student, teacher.model if teacher else None)
+            loss, metrics = method.loss(views, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss.item()} (metrics {metrics})")
+            accelerator.backward(loss / cfg.train.grad_accum)
+            for k, v in metrics.items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.train.grad_accum
+            tokens += batch.num_tokens
+            lengths += batch.response_mask.sum(1).tolist()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            teacher.update(student)
+
+        seconds = time.perf_counter() - t0
+        row = {
+            **parts,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "rollout_len": sum(lengths) / len(lengths),
+            "step_s": seconds,
+        }
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            logger.log(step, row)
+        bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(run_dir, step, student=student, optimizer=optimizer, scheduler=scheduler,
+                            teacher=teacher, stream=stream, keep=cfg.train.keep_checkpoints)
+    bar.close()
+    logger.close()
+
+    if step > start:
+        save_checkpoint(run_dir, step, student=student, optimizer=optimizer, scheduler=scheduler,
+                        teacher=teacher, stream=stream, keep=cfg.train.keep_checkpoints)
+    final = run_dir / "student"
+    student.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    if test:
+        summary["accuracy_after"] = accuracy(adapter, student, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        accelerator.print(f"held-out accuracy after:  {summary['accuracy_after']:.3f} ({len(test)} samples)")
+    summary["steps"] = step
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.print(f"student saved to {final}")
+    return run_dir

@@ -1,0 +1,44 @@
+"""Lazy, cached view log-probs: a method reads only the views it names."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterator
+
+import torch
+
+from mmdistill.batch import VIEWS, Batch
+
+# view -> (policy, privileged level): level None = no p, "full" = p, "partial" = partial(p)
+VIEW_SPEC: dict[str, tuple[str, str | None]] = {
+    "student": ("student", None),
+    "student_priv": ("student", "full"),
+    "teacher_full": ("teacher", "full"),
+    "teacher_partial": ("teacher", "partial"),
+    "teacher_plain": ("teacher", None),
+}
+assert tuple(VIEW_SPEC) == VIEWS
+
+
+class Views(Mapping):
+    """views[name] -> [B, N, V] log-probs; only "student" is scored with gradient."""
+
+    def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None):
+        self.adapter, self.batch, self.student, self.teacher = adapter, batch, student, teacher
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in VIEW_SPEC:
+            raise KeyError(f"unknown view '{name}'; views: {', '.join(VIEW_SPEC)}")
+        if name not in self._cache:
+            policy, level = VIEW_SPEC[name]
+            model = self.student if policy == "student" else self.teacher
+            if model is None:
+                raise ValueError(f"view '{name}' needs a teacher, and this run has none")
+            self._cache[name] = self.adapter.logprobs(model, self.batch, level, grad=(name == "student"))
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(VIEW_SPEC)
+
+    def __len__(self) -> int:
+        return len(VIEW_SPEC)

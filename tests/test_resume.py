@@ -1,0 +1,106 @@
+"""End to end: a run resumed from its step-2 checkpoint logs exactly what the uninterrupted run logged.
+
+Two real trainings (configs/tiny.yaml, CPU): an uninterrupted 4-step run, then a resume from a copy
+of its directory with the step-4 checkpoint and the student output deleted (the state a run killed
+between steps 2 and 4 leaves behind; the copy is byte-identical to running the first part again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["tiny", "train.max_steps=4", "train.checkpoint_every=2", "eval.num_samples=0"]
+# Metrics that depend on the run's state only (not on wall-clock time).
+DETERMINISTIC = ("loss", "lr", "grad_norm", "tokens", "rollout_len")
+
+
+def train(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "mmdistill", "train", *BASE, *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    full = root / "full"
+    r = train(f"train.output_dir={full}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    resumed = root / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    shutil.rmtree(resumed / "student")
+    (resumed / "summary.json").unlink()
+    # the killed run had logged steps 1 and 2 only
+    kept = [row for row in rows(full) if row["step"] <= 2]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    r2 = train(f"train.output_dir={resumed}", "train.resume=auto")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return full, resumed, r2
+
+
+def test_uninterrupted_run_layout(runs):
+    full, _, _ = runs
+    assert [p.name for p in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
+    assert [row["step"] for row in rows(full)] == [1, 2, 3, 4]
+    assert json.loads((full / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_picks_the_latest_checkpoint(runs):
+    _, resumed, r2 = runs
+    out = r2.stdout + r2.stderr
+    assert "resumed from" in out and "step_00000002" in out and "at step 2" in out
+    assert [row["step"] for row in rows(resumed)] == [1, 2, 3, 4]
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 4
+
+
+def test_resumed_steps_match_the_uninterrupted_run(runs):
+    full, resumed, _ = runs
+    a = {row["step"]: row for row in rows(full)}
+    b = {row["step"]: row for row in rows(resumed)}
+    diffs = {
+        (step, k): abs(a[step][k] - b[step][k])
+        for step in (3, 4)
+        for k in DETERMINISTIC
+        if a[step][k] != b[step][k]
+    }
+    assert not diffs, f"resumed run diverged: {diffs}"
+    assert a[3]["loss"] == b[3]["loss"] and a[4]["loss"] == b[4]["loss"]
+
+
+def test_resumed_final_weights_match(runs):
+    full, resumed, _ = runs
+    for rel in ("student/model.safetensors", "checkpoints/step_00000004/student.safetensors"):
+        wa, wb = load_file(str(full / rel)), load_file(str(resumed / rel))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert wa[k].equal(wb[k]), (rel, k)
+
+
+def test_resume_none_on_a_run_with_checkpoints_fails_clearly(runs):
+    full, _, _ = runs
+    before = (full / "metrics.jsonl").read_text()
+    config_before = (full / "config.yaml").read_text()
+    r = train(f"train.output_dir={full}", "train.resume=none")
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "already holds checkpoints" in last and "train.resume=auto" in last and str(full) in last
+    # nothing was touched
+    assert (full / "metrics.jsonl").read_text() == before
+    assert (full / "config.yaml").read_text() == config_before
+    assert [p.name for p in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
