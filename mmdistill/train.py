@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import TextAdapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -66,6 +67,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def train(cfg: DictConfig) -> Path:
+    hf_logging.disable_progress_bar()  # one progress bar: ours
     set_seed(cfg.train.seed)
     accelerator = Accelerator()
     run_dir = _prepare_run_dir(cfg)
