@@ -41,6 +41,7 @@ class Batch:
         return int(self.response_mask.sum())
 
 
-# A method reads views["teacher_full"] etc.: a [B, N, V] float32 tensor of log-probs over the
-# vocabulary, aligned with Batch.response_ids. Only views["student"] carries gradient.
-ViewLogprobs = Mapping[str, torch.Tensor]
+# A method reads views["teacher_full"] etc.: a [B, N, V] tensor of next-token logits over the
+# vocabulary (unnormalised log-probs, in the model's dtype), aligned with Batch.response_ids.
+# Only views["student"] carries gradient. Methods normalise per chunk (mmdistill/chunked.py).
+ViewLogits = Mapping[str, torch.Tensor]

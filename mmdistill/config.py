@@ -110,6 +110,9 @@ class SFTConfig:
 @dataclass
 class MethodConfig:
     name: str = "opd"
+    # Response positions per chunk of full-vocabulary loss work: bounds the extra memory
+    # (forward and backward) independently of the sequence length. 0 = no chunking.
+    chunk_size: int = 1024
     opd: OPDConfig = field(default_factory=OPDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
@@ -181,6 +184,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "rollout.top_p": (0.0, 1.0, False),
     "rollout.num_rollouts": (0, float("inf"), False),
     "method.opd.topk": (0, float("inf"), False),
+    "method.chunk_size": (0, float("inf"), True),
     "optim.lr": (0.0, float("inf"), False),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),
@@ -318,7 +322,8 @@ def validate(cfg: DictConfig) -> None:
 def method_options(cfg: DictConfig) -> dict[str, Any]:
     """The chosen method's own config group as plain keyword arguments."""
     group = cfg.method.get(cfg.method.name)
-    return dict(OmegaConf.to_container(group)) if group is not None else {}
+    options = dict(OmegaConf.to_container(group)) if group is not None else {}
+    return {**options, "chunk_size": cfg.method.chunk_size}
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

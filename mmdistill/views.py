@@ -1,4 +1,4 @@
-"""Lazy, cached view log-probs: a method reads only the views it names."""
+"""Lazy, cached view logits: a method reads only the views it names."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -20,7 +20,8 @@ assert tuple(VIEW_SPEC) == VIEWS
 
 
 class Views(Mapping):
-    """views[name] -> [B, N, V] log-probs; only "student" is scored with gradient."""
+    """views[name] -> [B, N, V] next-token logits aligned with batch.response_ids (unnormalised
+    log-probs: methods apply log_softmax); only "student" is scored with gradient."""
 
     def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None):
         self.adapter, self.batch, self.student, self.teacher = adapter, batch, student, teacher
@@ -34,7 +35,7 @@ class Views(Mapping):
             model = self.student if policy == "student" else self.teacher
             if model is None:
                 raise ValueError(f"view '{name}' needs a teacher, and this run has none")
-            self._cache[name] = self.adapter.logprobs(model, self.batch, level, grad=(name == "student"))
+            self._cache[name] = self.adapter.logits(model, self.batch, level, grad=(name == "student"))
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -117,12 +117,12 @@ def test_method_options_returns_the_chosen_group():
     opts = method_options(cfg)
     assert type(opts) is dict
     assert opts["topk"] == 5 and opts["estimator"] == "topk" and opts["reduction"] == "seq"
-    assert opts == OmegaConf.to_container(cfg.method.opd)
+    assert opts == {**OmegaConf.to_container(cfg.method.opd), "chunk_size": cfg.method.chunk_size}
     assert "name" not in opts and "sft" not in opts and "opd" not in opts
     cfg = load_config(None, ["method=sft", "method.sft.reduction=token"])
     opts = method_options(cfg)
     assert type(opts) is dict
-    assert opts == OmegaConf.to_container(cfg.method.sft)
+    assert opts == {**OmegaConf.to_container(cfg.method.sft), "chunk_size": 1024}
     assert opts["reduction"] == "token" and "topk" not in opts and "estimator" not in opts
 
 

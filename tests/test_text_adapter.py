@@ -193,7 +193,7 @@ def test_rollout_is_seeded_and_greedy_is_deterministic(adapter, model, samples):
     g2 = adapter.rollout(model, samples, rollout_cfg(temperature=0.0))
     assert torch.equal(g1.response_ids, g2.response_ids)
     # greedy picks the argmax of the scored distribution at every real position
-    lp = adapter.logprobs(model, g1, None, grad=False)
+    lp = adapter.logits(model, g1, None, grad=False)
     assert torch.equal(lp.argmax(-1)[g1.response_mask], g1.response_ids[g1.response_mask])
 
 
@@ -224,7 +224,7 @@ def test_scoring_matches_generate_logits(adapter, model, samples, tok):
     resp = out.sequences[:, ids.shape[1]:]
     mask = response_mask(resp, [tok.eos_token_id])
     batch = Batch(resp.masked_fill(~mask, tok.pad_token_id), mask, samples)
-    lp = adapter.logprobs(model, batch, None, grad=False)
+    lp = adapter.logits(model, batch, None, grad=False).log_softmax(-1)
     ref = torch.stack(out.logits, 1)[:, : lp.shape[1]].log_softmax(-1)
     assert torch.allclose(lp[mask], ref[mask], atol=1e-5)
 
@@ -233,12 +233,12 @@ def test_batched_scoring_equals_one_by_one(adapter, model, samples):
     torch.manual_seed(1)
     b = adapter.rollout(model, samples, rollout_cfg())
     for level in (None, "full", "partial"):
-        lp = adapter.logprobs(model, b, level, grad=False)
+        lp = adapter.logits(model, b, level, grad=False)
         assert lp.shape == (*b.response_ids.shape, adapter.vocab_size)
         for i in range(len(samples)):
             n = int(b.response_mask[i].sum())
             one = Batch(b.response_ids[i : i + 1, :n], b.response_mask[i : i + 1, :n], b.samples[i : i + 1])
-            ref = adapter.logprobs(model, one, level, grad=False)
+            ref = adapter.logits(model, one, level, grad=False)
             assert torch.allclose(lp[i, :n], ref[0], atol=1e-5), (level, i)
 
 

@@ -180,8 +180,12 @@ class TextAdapter:
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def logprobs(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool) -> torch.Tensor:
-        """[B, N, V] float32 log-probs of each response position under this view's prompt."""
+    def logits(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool) -> torch.Tensor:
+        """[B, N, V] next-token logits (model dtype) at each response position under this view.
+
+        Logits, not log-probs: methods normalise them chunk by chunk in float32 (chunked.py), so
+        no [B, N, V] float32 copy is made per view.
+        """
         prompts = self.prompt_ids(batch.samples, level)
         n = batch.response_ids.shape[1]
         self._check_fits(batch.samples, prompts, n, "scored")
@@ -199,7 +203,7 @@ class TextAdapter:
             logits = out.logits[:, :-1]
             if logits.shape[-1] < self.vocab_size:
                 raise ValueError(f"model vocab {logits.shape[-1]} is smaller than the tokenizer's {self.vocab_size}")
-            return torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+            return logits[..., : self.vocab_size]
 
 
 def check_template(tok: PreTrainedTokenizerBase) -> None:

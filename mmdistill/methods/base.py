@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogprobs
+from mmdistill.batch import Batch, ViewLogits
 
 
 class Method(Protocol):
@@ -13,8 +13,11 @@ class Method(Protocol):
     views: tuple[str, ...]  # views it reads; "student" is always among them
     on_policy: bool  # True: responses are student rollouts; False: oracle responses
 
-    def loss(self, views: ViewLogprobs, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss (gradient flows through views["student"] only) and float metrics."""
+    def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss (gradient flows through views["student"] only) and float metrics.
+
+        views[name] are [B, N, V] logits; full-vocabulary terms go through
+        chunked.token_loss so memory stays bounded by the chunk size."""
         ...
 
 
@@ -33,20 +36,27 @@ def check_reduction(reduction: str) -> str:
     return choice("reduction", reduction, REDUCTIONS)
 
 
-def student_logprobs(views: ViewLogprobs, batch: Batch) -> torch.Tensor:
-    lp_s = views["student"]
-    if lp_s.dim() != 3 or lp_s.shape[:2] != batch.response_ids.shape:
+def student_logits(views: ViewLogits, batch: Batch) -> torch.Tensor:
+    s = views["student"]
+    if s.dim() != 3 or s.shape[:2] != batch.response_ids.shape:
         raise ValueError(
-            f"student log-probs {tuple(lp_s.shape)} do not align with response_ids "
-            f"{tuple(batch.response_ids.shape)}"
+            f"student logits {tuple(s.shape)} do not align with response_ids {tuple(batch.response_ids.shape)}"
         )
-    return lp_s
+    return s
+
+
+def target_logits(views: ViewLogits, name: str, student: torch.Tensor) -> torch.Tensor:
+    t = views[name].detach()
+    if t.shape != student.shape:
+        raise ValueError(f"{name} logits {tuple(t.shape)} differ from the student's {tuple(student.shape)}")
+    return t
+
+
+def weighted_means(values: dict[str, torch.Tensor], weight: torch.Tensor) -> dict[str, float]:
+    """Reduce per-token diagnostics with the loss's own reduction weights."""
+    return {k: float((v * weight).sum()) for k, v in values.items()}
 
 
 def safe_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Padding may hold an id outside the vocabulary (e.g. -100); it is masked out anyway."""
     return ids.masked_fill(~mask, 0)
-
-
-def gather_ids(lp: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return lp.gather(-1, safe_ids(ids, mask).unsqueeze(-1)).squeeze(-1)

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.batch import VIEWS, Batch, ViewLogprobs
-from mmdistill.divergences import (
-    entropy,
-    masked_mean,
-    reverse_kl,
-    sampled_token_pg,
-    topk_reverse_kl,
-)
-from mmdistill.methods.base import check_reduction, choice, safe_ids, student_logprobs
+from mmdistill.batch import VIEWS, Batch, ViewLogits
+from mmdistill.chunked import reduction_weights, token_loss, token_values
+from mmdistill.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
+from mmdistill.methods.base import check_reduction, choice, safe_ids, student_logits, target_logits, weighted_means
 
 ESTIMATORS = ("sampled", "topk", "full")
 TOPK_FROM = ("student", "teacher")
 TARGETS = tuple(v for v in VIEWS if v != "student")
+
+
+def _gather(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
 
 class OPD:
     """Per-token reverse KL(pi_S || target), averaged over response tokens.
@@ -39,6 +39,7 @@ class OPD:
         target: str = "teacher_plain",
         reduction: str = "seq",
         topk_from: str = "student",
+        chunk_size: int = 1024,
     ):
         self.estimator = choice("estimator", estimator, ESTIMATORS)
         self.target = choice("target", target, TARGETS)
@@ -46,40 +47,31 @@ class OPD:
         self.topk_from = choice("topk_from", topk_from, TOPK_FROM)
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
-        self.topk = topk
+        self.topk, self.chunk_size = topk, chunk_size
         self.views = ("student", target)
 
-    def loss(self, views: ViewLogprobs, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        lp_s = student_logprobs(views, batch)
-        lp_t = views[self.target].detach()
-        if lp_t.shape != lp_s.shape:
-            raise ValueError(
-                f"{self.target} log-probs {tuple(lp_t.shape)} differ from student {tuple(lp_s.shape)}"
-            )
-        mask = batch.response_mask.bool()
-        # Adapters may fill padded rows of a view with -inf or NaN; torch.where in masked_mean
-        # hides them from the value but 0 * inf in the backward pass would still reach the student.
-        lp_t = lp_t.masked_fill(~mask.unsqueeze(-1), 0.0)
-        ids = safe_ids(batch.response_ids, mask)
-        surrogate, kl_sampled = sampled_token_pg(lp_s, lp_t, ids)
+    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.estimator == "sampled":
-            per_token = surrogate
-        elif self.estimator == "topk":
-            per_token = topk_reverse_kl(lp_s, lp_t, self.topk, index_from=self.topk_from)
-        else:
-            per_token = reverse_kl(lp_s, lp_t)
-        loss = masked_mean(per_token, mask, self.reduction)
+            return sampled_token_pg(ls, lt, ids)[0]
+        if self.estimator == "topk":
+            return topk_reverse_kl(ls, lt, self.topk, index_from=self.topk_from)
+        return reverse_kl(ls, lt)
 
-        def mean(x: torch.Tensor) -> float:
-            return float(masked_mean(x, mask, self.reduction))
+    @staticmethod
+    def _diagnostics(ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "reverse_kl": reverse_kl(ls, lt),
+            "sampled_reverse_kl": _gather(ls, ids) - _gather(lt, ids),
+            "student_entropy": entropy(ls),
+            "teacher_entropy": entropy(lt),
+        }
 
-        with torch.no_grad():
-            lp_s_ = lp_s.detach()
-            metrics = {
-                "loss": float(loss),
-                "reverse_kl": mean(reverse_kl(lp_s_, lp_t)),
-                "sampled_reverse_kl": mean(kl_sampled),
-                "student_entropy": mean(entropy(lp_s_)),
-                "teacher_entropy": mean(entropy(lp_t)),
-            }
-        return loss, metrics
+    def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        s = student_logits(views, batch)
+        t = target_logits(views, self.target, s)
+        mask = batch.response_mask.bool()
+        weight = reduction_weights(mask, self.reduction).to(s.device)
+        ids = safe_ids(batch.response_ids, mask).to(s.device)
+        loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size)
+        diag = token_values(self._diagnostics, s.detach(), [t], mask.to(s.device), extras=[ids], chunk_size=self.chunk_size)
+        return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogprobs
-from mmdistill.divergences import entropy, masked_mean
-from mmdistill.methods.base import check_reduction, gather_ids, student_logprobs
+from mmdistill.batch import Batch, ViewLogits
+from mmdistill.chunked import reduction_weights, token_loss, token_values
+from mmdistill.divergences import entropy
+from mmdistill.methods.base import check_reduction, safe_ids, student_logits, weighted_means
+
+
+def _nll(ls: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return -ls.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 class SFT:
@@ -15,18 +20,16 @@ class SFT:
     views = ("student",)
     on_policy = False
 
-    def __init__(self, reduction: str = "seq"):
+    def __init__(self, reduction: str = "seq", chunk_size: int = 1024):
         self.reduction = check_reduction(reduction)
+        self.chunk_size = chunk_size
 
-    def loss(self, views: ViewLogprobs, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        lp_s = student_logprobs(views, batch)
+    def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        s = student_logits(views, batch)
         mask = batch.response_mask.bool()
-        nll = -gather_ids(lp_s, batch.response_ids, mask)
-        loss = masked_mean(nll, mask, self.reduction)
-        with torch.no_grad():
-            metrics = {
-                "loss": float(loss),
-                "nll": float(masked_mean(nll, mask, self.reduction)),
-                "student_entropy": float(masked_mean(entropy(lp_s), mask, self.reduction)),
-            }
-        return loss, metrics
+        weight = reduction_weights(mask, self.reduction).to(s.device)
+        ids = safe_ids(batch.response_ids, mask).to(s.device)
+        loss = token_loss(_nll, s, [], weight, extras=[ids], chunk_size=self.chunk_size)
+        diag = token_values(lambda ls, y: {"nll": _nll(ls, y), "student_entropy": entropy(ls)},
+                            s.detach(), [], mask.to(s.device), extras=[ids], chunk_size=self.chunk_size)
+        return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

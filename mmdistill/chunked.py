@@ -1,0 +1,120 @@
+"""Token losses over the full vocabulary in bounded memory.
+
+A full-vocabulary divergence on [positions x vocab] logits needs several float32 temporaries
+of that size (log_softmax, exp, products) for the forward and the same again for autograd.
+Here the per-token function runs on chunks of response positions: the forward keeps no graph,
+and the backward recomputes one chunk at a time, so the extra memory is set by `chunk_size`,
+not by the sequence length. Padding positions (weight 0) are never computed.
+
+`fn(lp_student, *lp_targets, *extras) -> [C]` receives float32 log-probs of the chunk's rows
+(the logits are normalised here, in float32, whatever the model dtype) and per-position
+extras (sampled ids, routing masks) indexed the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+TokenFn = Callable[..., torch.Tensor]
+
+
+def reduction_weights(mask: torch.Tensor, reduction: str = "seq") -> torch.Tensor:
+    """Per-token weights whose weighted sum is the masked mean.
+
+    "seq": mean over each sequence's tokens, then over the sequences that have any;
+    "token": mean over all tokens of the batch. An empty mask gives all-zero weights.
+    """
+    m = mask.to(torch.float32)
+    if reduction == "token":
+        return m / m.sum().clamp(min=1.0)
+    if reduction != "seq":
+        raise ValueError(f"reduction must be 'seq' or 'token', got {reduction!r}")
+    lengths = m.sum(-1, keepdim=True)
+    n_seqs = (lengths > 0).sum().clamp(min=1)
+    return m / lengths.clamp(min=1.0) / n_seqs
+
+
+def _rows(t: torch.Tensor, b: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    return t[b, n]
+
+
+def _normalised(rows: torch.Tensor) -> torch.Tensor:
+    """log_softmax in at least float32 (bf16/fp16 logits are upcast, float64 is kept)."""
+    return torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
+
+
+def _chunks(weight: torch.Tensor, chunk_size: int):
+    b, n = weight.nonzero(as_tuple=True)
+    step = chunk_size if chunk_size > 0 else max(1, b.numel())
+    for s in range(0, b.numel(), step):
+        yield b[s : s + step], n[s : s + step]
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, chunk_size, n_targets, weight, student, *tensors):
+        ctx.fn, ctx.chunk_size, ctx.n_targets = fn, chunk_size, n_targets
+        ctx.save_for_backward(weight, student, *tensors)
+        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        for b, n in _chunks(weight, chunk_size):
+            args = [_normalised(_rows(t, b, n)) for t in (student, *tensors[:n_targets])]
+            args += [_rows(t, b, n) for t in tensors[n_targets:]]
+            total += (weight[b, n] * fn(*args)).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, student, *tensors = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for b, n in _chunks(weight, ctx.chunk_size):
+            x = _rows(student, b, n).detach().requires_grad_(True)
+            with torch.enable_grad():
+                args = [_normalised(x)] + [_normalised(_rows(t, b, n)) for t in tensors[: ctx.n_targets]]
+                args += [_rows(t, b, n) for t in tensors[ctx.n_targets :]]
+                value = (weight[b, n] * ctx.fn(*args)).sum()
+            (g,) = torch.autograd.grad(value, x)
+            grad[b, n] = (g * grad_out).to(grad.dtype)
+        return (None, None, None, None, grad, *([None] * len(tensors)))
+
+
+def token_loss(
+    fn: TokenFn,
+    student: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    extras: Sequence[torch.Tensor] = (),
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """sum over positions of weight * fn(...), differentiable in `student` only.
+
+    student, targets: [B, N, V] logits; weight: [B, N] (see reduction_weights); extras:
+    [B, N, ...]. Targets are treated as constants. chunk_size <= 0 computes everything at once
+    with ordinary autograd (the naive path, kept for testing and benchmarks).
+    """
+    targets = [t.detach() for t in targets]
+    if chunk_size <= 0:
+        b, n = weight.nonzero(as_tuple=True)
+        args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
+        return (weight[b, n] * fn(*args)).sum() if b.numel() else student.sum() * 0.0
+    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), weight.detach(), student, *targets, *extras)
+
+
+@torch.no_grad()
+def token_values(
+    fn: Callable[..., dict[str, torch.Tensor]],
+    student: torch.Tensor,
+    targets: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    extras: Sequence[torch.Tensor] = (),
+    chunk_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Per-position diagnostics [B, N] (0 where masked), computed chunk by chunk without grad."""
+    out: dict[str, torch.Tensor] = {}
+    for b, n in _chunks(mask.to(torch.float32), chunk_size):
+        args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
+        for k, v in fn(*args).items():
+            if k not in out:
+                out[k] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            out[k][b, n] = v.to(torch.float32)
+    return out
