@@ -18,6 +18,19 @@ import torch
 
 TokenFn = Callable[..., torch.Tensor]
 
+# Automatic chunks hold about this many logits (4 MB per float32 copy), whatever the vocab:
+# 6 positions at vocab 151,936, the whole batch for small vocabularies.
+AUTO_CHUNK_ELEMENTS = 1 << 20
+
+
+def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
+    """None: automatic; 0: no chunking (naive autograd); > 0: positions per chunk."""
+    if chunk_size is None:
+        return max(1, AUTO_CHUNK_ELEMENTS // max(1, vocab))
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be None (auto), 0 (off) or positive, got {chunk_size}")
+    return chunk_size
+
 
 def reduction_weights(mask: torch.Tensor, reduction: str = "seq") -> torch.Tensor:
     """Per-token weights whose weighted sum is the masked mean.
@@ -84,16 +97,18 @@ def token_loss(
     targets: Sequence[torch.Tensor],
     weight: torch.Tensor,
     extras: Sequence[torch.Tensor] = (),
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """sum over positions of weight * fn(...), differentiable in `student` only.
 
     student, targets: [B, N, V] logits; weight: [B, N] (see reduction_weights); extras:
-    [B, N, ...]. Targets are treated as constants. chunk_size <= 0 computes everything at once
-    with ordinary autograd (the naive path, kept for testing and benchmarks).
+    [B, N, ...]. Targets are treated as constants. chunk_size: None sizes chunks automatically
+    (AUTO_CHUNK_ELEMENTS logits each); 0 computes everything at once with ordinary autograd (the
+    naive path, kept for testing and benchmarks); > 0 is positions per chunk.
     """
     targets = [t.detach() for t in targets]
-    if chunk_size <= 0:
+    chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])
+    if chunk_size == 0:
         b, n = weight.nonzero(as_tuple=True)
         args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
         return (weight[b, n] * fn(*args)).sum() if b.numel() else student.sum() * 0.0
@@ -107,9 +122,10 @@ def token_values(
     targets: Sequence[torch.Tensor],
     mask: torch.Tensor,
     extras: Sequence[torch.Tensor] = (),
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-position diagnostics [B, N] (0 where masked), computed chunk by chunk without grad."""
+    chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])
     out: dict[str, torch.Tensor] = {}
     for b, n in _chunks(mask.to(torch.float32), chunk_size):
         args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]

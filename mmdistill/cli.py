@@ -31,6 +31,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selfcheck(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config or "tiny", list(args.overrides))
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    from mmdistill.selfcheck import main as selfcheck_main
+
+    return selfcheck_main(cfg)
+
+
 def _data(args: argparse.Namespace) -> int:
     from data_tools.cli import main as data_main
 
@@ -49,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("selfcheck", help="zero loss and gradient when teacher == student and p is empty, per method",
+                       description="Runs every distillation method with a frozen copy of the student as teacher and "
+                                   "empty privileged fields; each must give zero loss and zero gradient. "
+                                   "CONFIG (default: tiny) names the student to check.")
+    p.add_argument("config", nargs="?", help="configs/NAME.yaml, NAME, or a path (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_selfcheck)
+
     sub.add_parser("data", help="build and inspect datasets (same as python -m data_tools)", add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -56,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return _data(argparse.Namespace(rest=argv[1:]))
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
-    if unknown or (extra and args.command != "train"):
+    if unknown or (extra and args.command not in ("train", "selfcheck")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:  # overrides given after --print-config
         args.overrides = [*args.overrides, *extra]

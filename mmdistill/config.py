@@ -111,8 +111,9 @@ class SFTConfig:
 class MethodConfig:
     name: str = "opd"
     # Response positions per chunk of full-vocabulary loss work: bounds the extra memory
-    # (forward and backward) independently of the sequence length. 0 = no chunking.
-    chunk_size: int = 1024
+    # (forward and backward) independently of the sequence length. null = automatic
+    # (about 1M logits a chunk), 0 = no chunking.
+    chunk_size: Optional[int] = None
     opd: OPDConfig = field(default_factory=OPDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
@@ -184,7 +185,6 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "rollout.top_p": (0.0, 1.0, False),
     "rollout.num_rollouts": (0, float("inf"), False),
     "method.opd.topk": (0, float("inf"), False),
-    "method.chunk_size": (0, float("inf"), True),
     "optim.lr": (0.0, float("inf"), False),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),
@@ -311,6 +311,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
     if cfg.data.source == "jsonl" and not cfg.data.train_path:
         raise ConfigError("config key 'data.train_path' must be set when data.source=jsonl")
+    if cfg.method.chunk_size is not None and cfg.method.chunk_size < 0:
+        raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; must be null (auto), 0 (off) or positive")
     if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:
         raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
     if cfg.student.gguf_file and not cfg.student.path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -66,6 +67,13 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
+def draw_on_policy(method) -> bool:
+    """Rollouts or oracle responses for this micro-batch. Methods that mix the two (GKD's
+    lambda) declare `on_policy_fraction`; the draw uses the checkpointed Python RNG."""
+    fraction = getattr(method, "on_policy_fraction", 1.0 if method.on_policy else 0.0)
+    return fraction >= 1.0 or (fraction > 0.0 and random.random() < fraction)
+
+
 def train(cfg: DictConfig) -> Path:
     hf_logging.disable_progress_bar()  # one progress bar: ours
     set_seed(cfg.train.seed)
@@ -108,7 +116,7 @@ def train(cfg: DictConfig) -> Path:
         tokens, lengths = 0, []
         for _ in range(cfg.train.grad_accum):
             samples = stream.next()
-            batch = adapter.rollout(student, samples, cfg.rollout) if method.on_policy else adapter.oracle_batch(samples)
+            batch = adapter.rollout(student, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
             views = Views(adapter, batch, student, teacher.model if teacher else None)
             loss, metrics = method.loss(views, batch)
             if not torch.isfinite(loss):

@@ -122,7 +122,7 @@ def test_method_options_returns_the_chosen_group():
     cfg = load_config(None, ["method=sft", "method.sft.reduction=token"])
     opts = method_options(cfg)
     assert type(opts) is dict
-    assert opts == {**OmegaConf.to_container(cfg.method.sft), "chunk_size": 1024}
+    assert opts == {**OmegaConf.to_container(cfg.method.sft), "chunk_size": None}
     assert opts["reduction"] == "token" and "topk" not in opts and "estimator" not in opts
 
 

@@ -39,7 +39,7 @@ class OPD:
         target: str = "teacher_plain",
         reduction: str = "seq",
         topk_from: str = "student",
-        chunk_size: int = 1024,
+        chunk_size: int | None = None,
     ):
         self.estimator = choice("estimator", estimator, ESTIMATORS)
         self.target = choice("target", target, TARGETS)

@@ -20,7 +20,7 @@ class SFT:
     views = ("student",)
     on_policy = False
 
-    def __init__(self, reduction: str = "seq", chunk_size: int = 1024):
+    def __init__(self, reduction: str = "seq", chunk_size: int | None = None):
         self.reduction = check_reduction(reduction)
         self.chunk_size = chunk_size
 
