@@ -48,8 +48,18 @@ def _data(args: argparse.Namespace) -> int:
     return data_main(args.rest)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse measures subcommand names one indent short; without this, long names wrap."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length += 2 * self._indent_increment
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmdistill", description="On-policy distillation with privileged information.")
+    parser = argparse.ArgumentParser(prog="mmdistill", description="On-policy distillation with privileged information.",
+                                     formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a student: mmdistill train [CONFIG] [key=value ...]",
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("selfcheck", help="zero loss and gradient when teacher == student and p is empty, per method",
+    p = sub.add_parser("selfcheck", help="check each method: zero loss when teacher == student",
                        description="Runs every distillation method with a frozen copy of the student as teacher and "
                                    "empty privileged fields; each must give zero loss and zero gradient. "
                                    "CONFIG (default: tiny) names the student to check.")

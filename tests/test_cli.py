@@ -22,7 +22,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     )
 
 
-def test_help_lists_train_and_data_one_line_each():
+def test_help_lists_every_command_one_line_each():
     r = run_cli("--help")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
@@ -32,8 +32,8 @@ def test_help_lists_train_and_data_one_line_each():
         if not line.strip():
             break
         block.append(line)
-    # exactly two entries, no wrapped continuation lines
-    assert [line.split()[0] for line in block] == ["train", "data"], block
+    # one entry per command, no wrapped continuation lines
+    assert [line.split()[0] for line in block] == ["train", "selfcheck", "data"], block
     for line in block:
         assert len(line.split()) > 1, f"no help text: {line!r}"
 
