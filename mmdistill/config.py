@@ -103,6 +103,16 @@ class OPDConfig:
 
 
 @dataclass
+class PrivilegedOPDConfig:
+    """full_opd / partial_opd: OPD whose target is teacher_full / teacher_partial."""
+
+    estimator: str = "full"
+    topk: int = 128
+    reduction: str = "seq"
+    topk_from: str = "student"
+
+
+@dataclass
 class SFTConfig:
     reduction: str = "seq"
 
@@ -115,6 +125,8 @@ class MethodConfig:
     # (about 1M logits a chunk), 0 = no chunking.
     chunk_size: Optional[int] = None
     opd: OPDConfig = field(default_factory=OPDConfig)
+    full_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
+    partial_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -168,11 +180,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
     "data.source": ("arith", "jsonl"),
-    "method.name": ("sft", "opd"),
+    "method.name": ("sft", "opd", "full_opd", "partial_opd"),
     "method.opd.estimator": ("sampled", "topk", "full"),
     "method.opd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
     "method.opd.reduction": ("seq", "token"),
     "method.opd.topk_from": ("student", "teacher"),
+    "method.full_opd.estimator": ("sampled", "topk", "full"),
+    "method.full_opd.reduction": ("seq", "token"),
+    "method.full_opd.topk_from": ("student", "teacher"),
+    "method.partial_opd.estimator": ("sampled", "topk", "full"),
+    "method.partial_opd.reduction": ("seq", "token"),
+    "method.partial_opd.topk_from": ("student", "teacher"),
     "method.sft.reduction": ("seq", "token"),
 }
 
@@ -185,6 +203,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "rollout.top_p": (0.0, 1.0, False),
     "rollout.num_rollouts": (0, float("inf"), False),
     "method.opd.topk": (0, float("inf"), False),
+    "method.full_opd.topk": (0, float("inf"), False),
+    "method.partial_opd.topk": (0, float("inf"), False),
     "optim.lr": (0.0, float("inf"), False),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),

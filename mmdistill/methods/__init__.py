@@ -5,9 +5,23 @@ from mmdistill.methods.base import Method
 from mmdistill.methods.opd import OPD
 from mmdistill.methods.sft import SFT
 
-METHODS: dict[str, type] = {
+
+def _privileged_opd(name: str, target: str):
+    """Full / partial privileged OPD are vanilla OPD aimed at another view."""
+
+    def build(**options) -> OPD:
+        method = OPD(target=target, **options)
+        method.name = name
+        return method
+
+    return build
+
+
+METHODS: dict[str, object] = {
     "sft": SFT,
     "opd": OPD,
+    "full_opd": _privileged_opd("full_opd", "teacher_full"),
+    "partial_opd": _privileged_opd("partial_opd", "teacher_partial"),
 }
 
 
