@@ -113,6 +113,24 @@ class PrivilegedOPDConfig:
 
 
 @dataclass
+class GKDConfig:
+    beta: float = 0.5  # 0 = forward KL, 1 = reverse KL, generalized JSD between
+    lam: float = 0.5  # fraction of micro-batches on student rollouts (the rest: oracle responses)
+    target: str = "teacher_plain"
+    reduction: str = "seq"
+
+
+@dataclass
+class AROPDConfig:
+    lam: float = 0.8  # residual scale: 0 = partial OPD, 1 without clip = full OPD, > 1 extrapolates
+    clip: Optional[float] = 5.0  # |log qF - log qP| bound; null or <= 0 = no clip
+    alpha: float = 0.0  # 0 = forward KL(target || student), 1 = reverse KL, generalized JSD between
+    skip: int = 3  # first response tokens left out of the loss
+    temperature: float = 1.0
+    reduction: str = "seq"
+
+
+@dataclass
 class SFTConfig:
     reduction: str = "seq"
 
@@ -127,6 +145,8 @@ class MethodConfig:
     opd: OPDConfig = field(default_factory=OPDConfig)
     full_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
     partial_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    ar_opd: AROPDConfig = field(default_factory=AROPDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -180,7 +200,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
     "data.source": ("arith", "jsonl"),
-    "method.name": ("sft", "opd", "full_opd", "partial_opd"),
+    "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd"),
     "method.opd.estimator": ("sampled", "topk", "full"),
     "method.opd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
     "method.opd.reduction": ("seq", "token"),
@@ -192,6 +212,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.partial_opd.reduction": ("seq", "token"),
     "method.partial_opd.topk_from": ("student", "teacher"),
     "method.sft.reduction": ("seq", "token"),
+    "method.gkd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
+    "method.gkd.reduction": ("seq", "token"),
+    "method.ar_opd.reduction": ("seq", "token"),
 }
 
 # key -> (lowest, highest, whether the lowest is allowed)
@@ -205,6 +228,12 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "method.opd.topk": (0, float("inf"), False),
     "method.full_opd.topk": (0, float("inf"), False),
     "method.partial_opd.topk": (0, float("inf"), False),
+    "method.gkd.beta": (0.0, 1.0, True),
+    "method.gkd.lam": (0.0, 1.0, True),
+    "method.ar_opd.lam": (0.0, float("inf"), True),
+    "method.ar_opd.alpha": (0.0, 1.0, True),
+    "method.ar_opd.skip": (0, float("inf"), True),
+    "method.ar_opd.temperature": (0.0, float("inf"), False),
     "optim.lr": (0.0, float("inf"), False),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),

@@ -1,7 +1,9 @@
 """Method registry: one line per objective, built by name from config options."""
 from __future__ import annotations
 
+from mmdistill.methods.ar_opd import AROPD
 from mmdistill.methods.base import Method
+from mmdistill.methods.gkd import GKD
 from mmdistill.methods.opd import OPD
 from mmdistill.methods.sft import SFT
 
@@ -22,6 +24,8 @@ METHODS: dict[str, object] = {
     "opd": OPD,
     "full_opd": _privileged_opd("full_opd", "teacher_full"),
     "partial_opd": _privileged_opd("partial_opd", "teacher_partial"),
+    "gkd": GKD,
+    "ar_opd": AROPD,
 }
 
 

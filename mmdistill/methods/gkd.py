@@ -1,0 +1,92 @@
+"""GKD: generalized knowledge distillation (Agarwal et al., 2024).
+
+Per token, the generalized JSD between the student and a target view with beta in [0, 1]
+(mmdistill.divergences.generalized_jsd: 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t),
+rescaled so it is continuous at both ends), averaged over response tokens.
+
+`lam` is the fraction of on-policy batches. The method does not sample: the training loop reads
+`on_policy_fraction`, draws per micro-batch whether to score student rollouts (probability lam)
+or oracle responses, and sets `batch.on_policy`; the loss is the same function of the logits
+either way, and the "on_policy" metric records which kind of batch it was.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmdistill.batch import VIEWS, Batch, ViewLogits
+from mmdistill.chunked import (
+    reduction_weights,
+    resolve_chunk_size,
+    token_loss,
+    token_values,
+)
+from mmdistill.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
+from mmdistill.methods.base import (
+    check_reduction,
+    choice,
+    student_logits,
+    target_logits,
+    weighted_means,
+)
+
+TARGETS = tuple(v for v in VIEWS if v != "student")
+
+
+def _unit(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+class GKD:
+    """Generalized JSD(beta) to a target view, on a mix of on-policy and oracle batches."""
+
+    name = "gkd"
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        lam: float = 0.5,
+        target: str = "teacher_plain",
+        reduction: str = "seq",
+        chunk_size: int | None = None,
+    ):
+        self.beta = _unit("beta", beta)
+        self.lam = _unit("lam", lam)
+        self.on_policy_fraction = self.lam
+        self.on_policy = self.lam > 0  # the loop needs rollouts at all only if lam > 0
+        self.target = choice("target", target, TARGETS)
+        self.reduction = check_reduction(reduction)
+        if chunk_size is not None:
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+                raise ValueError(f"chunk_size must be None, 0 or a positive int, got {chunk_size!r}")
+            resolve_chunk_size(chunk_size, 1)
+        self.chunk_size = chunk_size
+        self.views = ("student", target)
+
+    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+        return generalized_jsd(ls, lt, self.beta)
+
+    @staticmethod
+    def _diagnostics(ls: torch.Tensor, lt: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "reverse_kl": reverse_kl(ls, lt),
+            "forward_kl": forward_kl(lt, ls),
+            "student_entropy": entropy(ls),
+            "teacher_entropy": entropy(lt),
+        }
+
+    def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        s = student_logits(views, batch)
+        t = target_logits(views, self.target, s)
+        mask = batch.response_mask.bool().to(s.device)
+        weight = reduction_weights(mask, self.reduction).to(s.device)
+        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size)
+        diag = token_values(self._diagnostics, s.detach(), [t], mask, chunk_size=self.chunk_size)
+        return loss, {
+            "loss": float(loss.detach()),
+            **weighted_means(diag, weight),
+            "on_policy": 1.0 if batch.on_policy else 0.0,
+        }
