@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -131,6 +131,19 @@ class AROPDConfig:
 
 
 @dataclass
+class DOPDConfig:
+    beta_l: float = 0.6  # weight of the light regimes (LH: top-K to the teacher, HS: to the privileged self)
+    beta_w: float = 0.3  # weight of LL (weak self)
+    w_ht: float = 1.0  # weight of HT (deep teacher: full-vocabulary JS)
+    topk: int = 128
+    topk_from: str = "student"  # whose top-K ids the top-K terms renormalise over
+    trim: float = 0.05  # share of top outliers dropped from the batch thresholds
+    threshold: str = "trimmed_mean"  # trimmed_mean | mean
+    regimes: List[str] = field(default_factory=lambda: ["ht", "lh", "hs", "ll"])  # ablations drop some
+    reduction: str = "seq"
+
+
+@dataclass
 class SFTConfig:
     reduction: str = "seq"
 
@@ -147,6 +160,7 @@ class MethodConfig:
     partial_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     ar_opd: AROPDConfig = field(default_factory=AROPDConfig)
+    dopd: DOPDConfig = field(default_factory=DOPDConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -200,7 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
     "data.source": ("arith", "jsonl"),
-    "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd"),
+    "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
     "method.opd.estimator": ("sampled", "topk", "full"),
     "method.opd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
     "method.opd.reduction": ("seq", "token"),
@@ -215,6 +229,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.gkd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
     "method.gkd.reduction": ("seq", "token"),
     "method.ar_opd.reduction": ("seq", "token"),
+    "method.dopd.topk_from": ("student", "teacher"),
+    "method.dopd.threshold": ("trimmed_mean", "mean"),
+    "method.dopd.reduction": ("seq", "token"),
 }
 
 # key -> (lowest, highest, whether the lowest is allowed)
@@ -234,6 +251,11 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "method.ar_opd.alpha": (0.0, 1.0, True),
     "method.ar_opd.skip": (0, float("inf"), True),
     "method.ar_opd.temperature": (0.0, float("inf"), False),
+    "method.dopd.beta_l": (0.0, float("inf"), True),
+    "method.dopd.beta_w": (0.0, float("inf"), True),
+    "method.dopd.w_ht": (0.0, float("inf"), True),
+    "method.dopd.topk": (0, float("inf"), False),
+    "method.dopd.trim": (0.0, 1.0, True),
     "optim.lr": (0.0, float("inf"), False),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),
@@ -360,6 +382,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
     if cfg.data.source == "jsonl" and not cfg.data.train_path:
         raise ConfigError("config key 'data.train_path' must be set when data.source=jsonl")
+    bad = sorted(set(cfg.method.dopd.regimes) - {"ht", "lh", "hs", "ll"})
+    if bad:
+        raise ConfigError(f"config key 'method.dopd.regimes' has {bad}; allowed: ht, lh, hs, ll")
     if cfg.method.chunk_size is not None and cfg.method.chunk_size < 0:
         raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; must be null (auto), 0 (off) or positive")
     if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:

@@ -40,3 +40,24 @@ def test_lr_schedule_is_warmup_then_cosine(tmp_path):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["rollout_len"] > 0 and math.isfinite(r["grad_norm"])
 
+
+
+def test_on_policy_draw_follows_the_methods_fraction():
+    import random
+    from types import SimpleNamespace
+
+    from mmdistill.train import draw_on_policy
+
+    assert all(draw_on_policy(SimpleNamespace(on_policy=True)) for _ in range(50))
+    assert not any(draw_on_policy(SimpleNamespace(on_policy=False)) for _ in range(50))
+    assert not any(draw_on_policy(SimpleNamespace(on_policy=False, on_policy_fraction=0.0)) for _ in range(50))
+    random.seed(0)
+    draws = [draw_on_policy(SimpleNamespace(on_policy=True, on_policy_fraction=0.3)) for _ in range(2000)]
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    random.seed(0)  # the checkpointed Python RNG makes the sequence resumable
+    assert draws == [draw_on_policy(SimpleNamespace(on_policy=True, on_policy_fraction=0.3)) for _ in range(2000)]
+
+
+def test_gkd_mixes_rollouts_and_oracle_batches(tmp_path):
+    _, rows = run(tmp_path, "gkd", "method=gkd", "method.gkd.lam=0.5", "train.max_steps=6")
+    assert {r["on_policy"] for r in rows} == {0.0, 1.0}

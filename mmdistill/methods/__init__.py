@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from mmdistill.methods.ar_opd import AROPD
 from mmdistill.methods.base import Method
+from mmdistill.methods.dopd import DOPD
 from mmdistill.methods.gkd import GKD
 from mmdistill.methods.opd import OPD
 from mmdistill.methods.sft import SFT
@@ -26,6 +27,7 @@ METHODS: dict[str, object] = {
     "partial_opd": _privileged_opd("partial_opd", "teacher_partial"),
     "gkd": GKD,
     "ar_opd": AROPD,
+    "dopd": DOPD,
 }
 
 

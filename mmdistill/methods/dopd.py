@@ -1,0 +1,277 @@
+"""DOPD: Dual On-policy Distillation (arXiv 2606.30626; no code released).
+
+Each response token is routed by an advantage gap measured with the privileged information p
+on BOTH sides. On the sampled token y_n:
+
+    q_S = pi_S(y_n | x, p, y<n)    (view "student_priv", the student's own weights)
+    q_T = pi_T(y_n | x, p, y<n)    (view "teacher_full")
+    A_n = |log q_T - log q_S|
+
+Thresholds are batch statistics over the batch's response tokens: mA, mS, mT, the trimmed
+means (see `trimmed_mean`) of A, q_S and q_T (probabilities, not logs), each trimmed on its
+own. Every response token falls in exactly one regime:
+
+    regime  condition                          loss on pi_S(.|x)                           weight
+    HT      A >= mA and q_T >= q_S             JS(pi_S(.|x), pi_T(.|x,p)), full vocabulary  w_ht = 1
+    LH      A <  mA and q_S + q_T >= mS + mT   top-K KL(pi_S(.|x) || pi_T(.|x,p))          beta_l
+    HS      A >= mA and q_T <  q_S             top-K KL(pi_S(.|x) || sg pi_S(.|x,p))       beta_l
+    LL      A <  mA and q_S + q_T <  mS + mT   top-K KL(pi_S(.|x) || sg pi_S(.|x,p))       beta_w
+
+Ties go to the first row that matches: A == mA is "high", q_T == q_S is HT, and
+q_S + q_T == mS + mT is LH. The loss is the per-token weighted regime term, reduced with the
+usual reduction weights ((1/|y|) over each sequence, then the mean over the batch, for
+reduction="seq"), with no per-regime renormalisation. A regime switched off (`regimes`) keeps
+its tokens (routing and shares are unchanged) but they add nothing to the loss.
+
+Cost, all chunked (chunked.py): a no-grad pass gathers q_S, q_T and computes the diagnostics;
+the loss (one `token_loss` call) computes for each token only its own regime's term, with
+gradient into views["student"] only; a last no-grad pass recomputes those terms per regime
+for the loss_ht/lh/hs/ll metrics (the expensive JS only on the HT tokens, each time).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmdistill.batch import Batch, ViewLogits
+from mmdistill.chunked import reduction_weights, token_loss, token_values
+from mmdistill.divergences import entropy, js, reverse_kl, topk_reverse_kl
+from mmdistill.methods.base import check_reduction, choice, safe_ids, student_logits, target_logits, weighted_means
+
+# Regime codes returned by `route` (-1 = not a response token).
+HT, LH, HS, LL = 0, 1, 2, 3
+REGIMES = ("ht", "lh", "hs", "ll")
+THRESHOLDS = ("trimmed_mean", "mean")
+TOPK_FROM = ("student", "teacher")
+# Kinds of term, in the order of the per-token weight extras [B, N, 3]:
+# JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
+TERMS = ("js_teacher", "topk_teacher", "topk_self")
+DIAGNOSTICS = ("reverse_kl", "student_entropy", "teacher_entropy")
+
+
+def _gather(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _drop_count(n: int, trim: float) -> int:
+    """floor(trim * n) with 1e-9 slack (0.29 * 100 is 28.999999999999996 in floats), < n."""
+    return min(n - 1, math.floor(trim * n + 1e-9)) if n > 0 else 0
+
+
+def trimmed_mean(values: torch.Tensor, trim: float) -> torch.Tensor:
+    """Mean after dropping the top outliers: sort ascending, drop the largest floor(trim * n)
+    values, average the rest. When floor(trim * n) is 0 (small n) nothing is dropped; since
+    trim < 1 at least one value is always kept. Computed in float64. values: 1-D, non-empty.
+    """
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"trimmed_mean needs a non-empty 1-D tensor, got shape {tuple(values.shape)}")
+    if not 0.0 <= trim < 1.0:
+        raise ValueError(f"trim must be in [0, 1), got {trim}")
+    n = values.numel()
+    kept = values.double().sort().values[: n - _drop_count(n, trim)]
+    return kept.mean()
+
+
+def route(
+    log_qs: torch.Tensor,
+    log_qt: torch.Tensor,
+    mask: torch.Tensor,
+    trim: float = 0.05,
+    threshold: str = "trimmed_mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DOPD's routing of response tokens into regimes HT=0, LH=1, HS=2, LL=3.
+
+    log_qs, log_qt: [B, N] log-probs of the sampled tokens under student_priv and
+    teacher_full; mask: [B, N] response tokens. Masked positions get -1 and are never read
+    (they may hold NaN or inf). threshold "trimmed_mean" drops the top `trim` fraction of each
+    statistic (`trimmed_mean`); "mean" is the plain mean (trim ignored). Everything is compared
+    in float64, so a token whose value equals the threshold is exactly on it. An empty mask
+    routes nothing and reports 0 for every statistic.
+
+    stats: threshold_a, threshold_qs, threshold_qt (the thresholds mA, mS, mT), adv_gap (the
+    untrimmed mean of A over the batch's response tokens), share_ht/lh/hs/ll (fractions of the
+    batch's response tokens; they sum to 1 when there is any).
+    """
+    choice("threshold", threshold, THRESHOLDS)
+    if log_qs.shape != log_qt.shape or log_qs.shape != mask.shape:
+        raise ValueError(
+            f"log_qs {tuple(log_qs.shape)}, log_qt {tuple(log_qt.shape)} and mask {tuple(mask.shape)} differ in shape"
+        )
+    mask = mask.bool()
+    regime = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    stats = dict.fromkeys(
+        ("threshold_a", "threshold_qs", "threshold_qt", "adv_gap", "share_ht", "share_lh", "share_hs", "share_ll"), 0.0
+    )
+    n = int(mask.sum())
+    if n == 0:
+        return regime, stats
+    ls = torch.where(mask, log_qs.double(), torch.zeros_like(log_qs, dtype=torch.float64))
+    lt = torch.where(mask, log_qt.double(), torch.zeros_like(log_qt, dtype=torch.float64))
+    a = (lt - ls).abs()
+    qs, qt = ls.exp(), lt.exp()
+    cut = trim if threshold == "trimmed_mean" else 0.0
+    m_a, m_s, m_t = (trimmed_mean(v[mask], cut) for v in (a, qs, qt))
+    high = a >= m_a
+    teacher_ahead = qt >= qs
+    confident = qs + qt >= m_s + m_t
+    codes = torch.where(
+        high,
+        torch.where(teacher_ahead, HT, HS),
+        torch.where(confident, LH, LL),
+    )
+    regime = torch.where(mask, codes, regime)
+    stats.update(
+        threshold_a=float(m_a),
+        threshold_qs=float(m_s),
+        threshold_qt=float(m_t),
+        adv_gap=float(a[mask].mean()),
+    )
+    for code, name in enumerate(REGIMES):
+        stats[f"share_{name}"] = int((regime == code).sum()) / n
+    return regime, stats
+
+
+def _weight(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _regimes(value) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    for v in items:
+        if v not in REGIMES:
+            raise ValueError(f"regimes must be drawn from {list(REGIMES)}, got {v!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"regimes lists a regime twice: {items}")
+    return tuple(items)
+
+
+class DOPD:
+    """Dual on-policy distillation: per-token routing between teacher and self targets.
+
+    beta_l: weight of LH and HS; beta_w: weight of LL; w_ht: weight of HT (1 in the paper,
+    exposed for ablations). topk: K of the top-K reverse KLs; topk_from: whose top-K ids, "student"
+    (of pi_S(.|x), both sides renormalised on them) or "teacher" (of the target side: teacher_full
+    for LH, student_priv for HS/LL). trim, threshold: see `route`. regimes: the regimes that
+    contribute (ablation: a regime left out adds nothing). chunk_size: see chunked.token_loss
+    (None = automatic).
+    """
+
+    name = "dopd"
+    on_policy = True
+    views = ("student", "student_priv", "teacher_full")
+
+    def __init__(
+        self,
+        beta_l: float = 0.6,
+        beta_w: float = 0.3,
+        topk: int = 128,
+        topk_from: str = "student",
+        trim: float = 0.05,
+        threshold: str = "trimmed_mean",
+        reduction: str = "seq",
+        chunk_size: int | None = None,
+        w_ht: float = 1.0,
+        regimes=REGIMES,
+    ):
+        self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise ValueError(f"topk must be a positive int, got {topk!r}")
+        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
+            raise ValueError(f"trim must be a number in [0, 1), got {trim!r}")
+        self.topk, self.trim = topk, float(trim)
+        self.topk_from = choice("topk_from", topk_from, TOPK_FROM)
+        self.threshold = choice("threshold", threshold, THRESHOLDS)
+        self.reduction = check_reduction(reduction)
+        self.regimes = _regimes(regimes)
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------ per-regime weights
+
+    def regime_weights(self, regime: torch.Tensor) -> torch.Tensor:
+        """[B, N] regime codes -> [B, N, 3] float32 weights of the three kinds of term (TERMS)."""
+        on = {r: (r in self.regimes) for r in REGIMES}
+        w = torch.zeros(*regime.shape, 3, dtype=torch.float32, device=regime.device)
+        w[..., 0] = (regime == HT).float() * (self.w_ht if on["ht"] else 0.0)
+        w[..., 1] = (regime == LH).float() * (self.beta_l if on["lh"] else 0.0)
+        w[..., 2] = (regime == HS).float() * (self.beta_l if on["hs"] else 0.0) + (regime == LL).float() * (
+            self.beta_w if on["ll"] else 0.0
+        )
+        return w
+
+    # ------------------------------------------------------------ per-token functions
+
+    def _terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, which: int) -> torch.Tensor:
+        if which == 0:
+            return js(ls, lt)
+        target = lt if which == 1 else lp
+        return topk_reverse_kl(ls, target, self.topk, index_from=self.topk_from)
+
+    def _weighted_terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+        """[w[:, j] * term_j for each kind j of TERMS], each computed only on the rows where
+        w[:, j] != 0 and 0 elsewhere: a row whose weights are all 0 is never computed, so it
+        gives exactly 0 and a zero gradient (and no NaN) whatever its log-probs."""
+        w = w.to(ls.dtype)
+        out = []
+        for j in range(len(TERMS)):
+            col = ls[..., :0].sum(-1)  # zeros still attached to ls: a chunk of all-zero rows backpropagates 0
+            rows = (w[:, j] != 0).nonzero().squeeze(-1)
+            if rows.numel():
+                col = col.index_add(0, rows, w[rows, j] * self._terms(ls[rows], lt[rows], lp[rows], j))
+            out.append(col)
+        return out
+
+    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        a, b, c = self._weighted_terms(ls, lt, lp, w)
+        return a + b + c
+
+    def _parts(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(TERMS, self._weighted_terms(ls, lt, lp, w)))
+
+    def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "log_qs": _gather(lp, ids),
+            "log_qt": _gather(lt, ids),
+            "reverse_kl": reverse_kl(ls, lt),  # diagnostic: student vs teacher_full, full vocabulary
+            "student_entropy": entropy(ls),
+            "teacher_entropy": entropy(lt),
+        }
+
+    # ------------------------------------------------------------ loss
+
+    def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        s = student_logits(views, batch)
+        t = target_logits(views, "teacher_full", s)
+        p = target_logits(views, "student_priv", s)  # stop-gradient: the student's own privileged view
+        mask = batch.response_mask.bool().to(s.device)
+        weight = reduction_weights(mask, self.reduction).to(s.device)
+        ids = safe_ids(batch.response_ids.to(s.device), mask)
+        zero = torch.zeros_like(weight)
+
+        # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
+        first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
+        regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold)
+        w = self.regime_weights(regime)
+
+        # The loss: one chunked pass, each token computing its own regime's term only. Tokens whose
+        # regime adds nothing are left out of the chunks (the same sum, less work).
+        active = torch.where(w.sum(-1) > 0, weight, zero)
+        if bool(active.any()):
+            loss = token_loss(self._per_token, s, [t, p], active, extras=[w], chunk_size=self.chunk_size)
+        else:  # an empty sum: 0, attached to the graph, whatever padding rows hold (even NaN)
+            loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
+
+        # Per-regime contributions (no grad, the same rows again); HS and LL share the self term.
+        parts = token_values(self._parts, s.detach(), [t, p], active > 0, extras=[w], chunk_size=self.chunk_size)
+        js_t, topk_t, topk_self = (parts.get(k, zero) for k in TERMS)
+        contributions = {
+            "loss_ht": js_t,
+            "loss_lh": topk_t,
+            "loss_hs": torch.where(regime == HS, topk_self, zero),
+            "loss_ll": torch.where(regime == LL, topk_self, zero),
+        }
+        diag = {k: first.get(k, zero) for k in DIAGNOSTICS}
+        metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight), **weighted_means(contributions, weight)}
+        return loss, metrics
