@@ -278,3 +278,15 @@ def test_oracle_batch(adapter, tok, samples):
         ids = b.response_ids[i, :n].tolist()
         assert ids[-1] == tok.eos_token_id
         assert tok.decode(ids[:-1]) == s["response"]
+
+
+def test_ar_opd_preset_views(tok):
+    """Full view: the whole oracle trace; partial: reasoning cut to half on a word boundary, answer kept."""
+    cfg = load_config("ar_opd")
+    ad = TextAdapter(tok, cfg.privileged, 128)
+    s = make_samples(1, 0, digits=3)[0]
+    full = ad.messages(s, "full")[0]["content"]
+    part = ad.messages(s, "partial")[0]["content"]
+    assert full == f"{s['prompt']}\nExample solution: {s['reasoning']}\nAnswer: {s['answer']}"
+    assert part == f"{s['prompt']}\nExample solution: {cut_prefix(s['reasoning'], 0.5)}\nAnswer: {s['answer']}"
+    assert len(cut_prefix(s["reasoning"], 0.5)) < len(s["reasoning"])
