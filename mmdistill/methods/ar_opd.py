@@ -43,12 +43,12 @@ import torch
 from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import (
     reduction_weights,
-    resolve_chunk_size,
     token_loss,
     token_values,
 )
 from mmdistill.divergences import entropy, forward_kl, generalized_jsd
 from mmdistill.methods.base import (
+    check_chunk_size,
     check_reduction,
     student_logits,
     target_logits,
@@ -142,11 +142,7 @@ class AROPD:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.reduction = check_reduction(reduction)
-        if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-                raise ValueError(f"chunk_size must be None, 0 or a positive int, got {chunk_size!r}")
-            resolve_chunk_size(chunk_size, 1)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
 
     # -- per-token pieces (rows [C, V] of float32 log-probs at T = 1)
 

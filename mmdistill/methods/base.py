@@ -60,3 +60,10 @@ def weighted_means(values: dict[str, torch.Tensor], weight: torch.Tensor) -> dic
 def safe_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Padding may hold an id outside the vocabulary (e.g. -100); it is masked out anyway."""
     return ids.masked_fill(~mask, 0)
+
+
+def check_chunk_size(chunk_size):
+    """None (automatic), 0 (no chunking) or positions per chunk; see chunked.token_loss."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
+        raise ValueError(f"chunk_size must be None, 0 or a positive int, got {chunk_size!r}")
+    return chunk_size

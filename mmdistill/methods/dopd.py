@@ -37,7 +37,15 @@ import torch
 from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
 from mmdistill.divergences import entropy, js, reverse_kl, topk_reverse_kl
-from mmdistill.methods.base import check_reduction, choice, safe_ids, student_logits, target_logits, weighted_means
+from mmdistill.methods.base import (
+    check_chunk_size,
+    check_reduction,
+    choice,
+    safe_ids,
+    student_logits,
+    target_logits,
+    weighted_means,
+)
 
 # Regime codes returned by `route` (-1 = not a response token).
 HT, LH, HS, LL = 0, 1, 2, 3
@@ -186,7 +194,7 @@ class DOPD:
         self.threshold = choice("threshold", threshold, THRESHOLDS)
         self.reduction = check_reduction(reduction)
         self.regimes = _regimes(regimes)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
 
     # ------------------------------------------------------------ per-regime weights
 

@@ -18,12 +18,12 @@ import torch
 from mmdistill.batch import VIEWS, Batch, ViewLogits
 from mmdistill.chunked import (
     reduction_weights,
-    resolve_chunk_size,
     token_loss,
     token_values,
 )
 from mmdistill.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
 from mmdistill.methods.base import (
+    check_chunk_size,
     check_reduction,
     choice,
     student_logits,
@@ -59,11 +59,7 @@ class GKD:
         self.on_policy = self.lam > 0  # the loop needs rollouts at all only if lam > 0
         self.target = choice("target", target, TARGETS)
         self.reduction = check_reduction(reduction)
-        if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-                raise ValueError(f"chunk_size must be None, 0 or a positive int, got {chunk_size!r}")
-            resolve_chunk_size(chunk_size, 1)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.views = ("student", target)
 
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,15 @@ import torch
 from mmdistill.batch import VIEWS, Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
 from mmdistill.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
-from mmdistill.methods.base import check_reduction, choice, safe_ids, student_logits, target_logits, weighted_means
+from mmdistill.methods.base import (
+    check_chunk_size,
+    check_reduction,
+    choice,
+    safe_ids,
+    student_logits,
+    target_logits,
+    weighted_means,
+)
 
 ESTIMATORS = ("sampled", "topk", "full")
 TOPK_FROM = ("student", "teacher")
@@ -47,7 +55,7 @@ class OPD:
         self.topk_from = choice("topk_from", topk_from, TOPK_FROM)
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ValueError(f"topk must be a positive int, got {topk!r}")
-        self.topk, self.chunk_size = topk, chunk_size
+        self.topk, self.chunk_size = topk, check_chunk_size(chunk_size)
         self.views = ("student", target)
 
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,13 @@ import torch
 from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
 from mmdistill.divergences import entropy
-from mmdistill.methods.base import check_reduction, safe_ids, student_logits, weighted_means
+from mmdistill.methods.base import (
+    check_chunk_size,
+    check_reduction,
+    safe_ids,
+    student_logits,
+    weighted_means,
+)
 
 
 def _nll(ls: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -22,7 +28,7 @@ class SFT:
 
     def __init__(self, reduction: str = "seq", chunk_size: int | None = None):
         self.reduction = check_reduction(reduction)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
