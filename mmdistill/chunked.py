@@ -66,14 +66,17 @@ def _chunks(weight: torch.Tensor, chunk_size: int):
 
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, chunk_size, n_targets, weight, student, *tensors):
+    def forward(ctx, fn, chunk_size, n_targets, values_out, weight, student, *tensors):
         ctx.fn, ctx.chunk_size, ctx.n_targets = fn, chunk_size, n_targets
         ctx.save_for_backward(weight, student, *tensors)
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for b, n in _chunks(weight, chunk_size):
             args = [_normalised(_rows(t, b, n)) for t in (student, *tensors[:n_targets])]
             args += [_rows(t, b, n) for t in tensors[n_targets:]]
-            total += (weight[b, n] * fn(*args)).sum()
+            values = fn(*args)
+            if values_out is not None:
+                values_out[b, n] = values.to(values_out.dtype)
+            total += (weight[b, n] * values).sum()
         return total
 
     @staticmethod
@@ -88,7 +91,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 value = (weight[b, n] * ctx.fn(*args)).sum()
             (g,) = torch.autograd.grad(value, x)
             grad[b, n] = (g * grad_out).to(grad.dtype)
-        return (None, None, None, None, grad, *([None] * len(tensors)))
+        return (None, None, None, None, None, grad, *([None] * len(tensors)))
 
 
 def token_loss(
@@ -98,21 +101,29 @@ def token_loss(
     weight: torch.Tensor,
     extras: Sequence[torch.Tensor] = (),
     chunk_size: int | None = None,
+    values_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum over positions of weight * fn(...), differentiable in `student` only.
 
     student, targets: [B, N, V] logits; weight: [B, N] (see reduction_weights); extras:
     [B, N, ...]. Targets are treated as constants. chunk_size: None sizes chunks automatically
     (AUTO_CHUNK_ELEMENTS logits each); 0 computes everything at once with ordinary autograd (the
-    naive path, kept for testing and benchmarks); > 0 is positions per chunk.
+    naive path, kept for testing and benchmarks); > 0 is positions per chunk. values_out: an
+    optional [B, N] tensor that receives fn's per-token values (no grad) where weight != 0, so
+    a method can split its loss for metrics without a second pass.
     """
     targets = [t.detach() for t in targets]
     chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])
     if chunk_size == 0:
         b, n = weight.nonzero(as_tuple=True)
+        if not b.numel():
+            return student.sum() * 0.0
         args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
-        return (weight[b, n] * fn(*args)).sum() if b.numel() else student.sum() * 0.0
-    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), weight.detach(), student, *targets, *extras)
+        values = fn(*args)
+        if values_out is not None:
+            values_out[b, n] = values.detach().to(values_out.dtype)
+        return (weight[b, n] * values).sum()
+    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), values_out, weight.detach(), student, *targets, *extras)
 
 
 @torch.no_grad()

@@ -87,3 +87,13 @@ def test_token_values_fills_masked_positions_with_zero():
     ref = reverse_kl(s.log_softmax(-1), torch.nan_to_num(t).log_softmax(-1))
     assert torch.allclose(vals["kl"][mask], ref[mask].float())
     assert (vals["kl"][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_values_out_receives_each_tokens_value(chunk):
+    s, t, mask = data(5)
+    out = torch.full(mask.shape, -7.0, dtype=torch.float64)
+    token_loss(reverse_kl, s.clone().requires_grad_(True), [t], reduction_weights(mask), chunk_size=chunk, values_out=out)
+    ref = reverse_kl(s.log_softmax(-1), torch.nan_to_num(t).log_softmax(-1))
+    assert torch.allclose(out[mask], ref[mask])
+    assert (out[~mask] == -7.0).all()  # positions with weight 0 are left untouched

@@ -235,9 +235,6 @@ class DOPD:
         a, b, c = self._weighted_terms(ls, lt, lp, w)
         return a + b + c
 
-    def _parts(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(TERMS, self._weighted_terms(ls, lt, lp, w)))
-
     def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "log_qs": _gather(lp, ids),
@@ -266,20 +263,12 @@ class DOPD:
         # The loss: one chunked pass, each token computing its own regime's term only. Tokens whose
         # regime adds nothing are left out of the chunks (the same sum, less work).
         active = torch.where(w.sum(-1) > 0, weight, zero)
+        per_token = torch.zeros_like(weight)  # each token's weighted term: its regime's contribution
         if bool(active.any()):
-            loss = token_loss(self._per_token, s, [t, p], active, extras=[w], chunk_size=self.chunk_size)
+            loss = token_loss(self._per_token, s, [t, p], active, extras=[w], chunk_size=self.chunk_size, values_out=per_token)
         else:  # an empty sum: 0, attached to the graph, whatever padding rows hold (even NaN)
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
-
-        # Per-regime contributions (no grad, the same rows again); HS and LL share the self term.
-        parts = token_values(self._parts, s.detach(), [t, p], active > 0, extras=[w], chunk_size=self.chunk_size)
-        js_t, topk_t, topk_self = (parts.get(k, zero) for k in TERMS)
-        contributions = {
-            "loss_ht": js_t,
-            "loss_lh": topk_t,
-            "loss_hs": torch.where(regime == HS, topk_self, zero),
-            "loss_ll": torch.where(regime == LL, topk_self, zero),
-        }
+        contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero) for code, name in enumerate(REGIMES)}
         diag = {k: first.get(k, zero) for k in DIAGNOSTICS}
         metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight), **weighted_means(contributions, weight)}
         return loss, metrics
