@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
+from mmdistill.batch import VIEWS, Batch, ViewLogits
 
 
 class Method(Protocol):
@@ -24,6 +24,8 @@ class Method(Protocol):
 # Shared by methods: argument checks and aligned gathers.
 
 REDUCTIONS = ("seq", "token")
+TARGETS = tuple(v for v in VIEWS if v != "student")  # views a method may distill towards
+TOPK_FROM = ("student", "teacher")  # whose top-K ids a top-K term renormalises over
 
 
 def choice(key: str, value, allowed: tuple[str, ...]) -> str:
@@ -67,3 +69,14 @@ def check_chunk_size(chunk_size):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
         raise ValueError(f"chunk_size must be None, 0 or a positive int, got {chunk_size!r}")
     return chunk_size
+
+
+def check_topk(topk) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    return topk
+
+
+def gather_at(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """lp[..., ids]: the log-prob of each position's own token."""
+    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

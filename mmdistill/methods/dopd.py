@@ -38,9 +38,12 @@ from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
 from mmdistill.divergences import entropy, js, reverse_kl, topk_reverse_kl
 from mmdistill.methods.base import (
+    TOPK_FROM,
     check_chunk_size,
     check_reduction,
+    check_topk,
     choice,
+    gather_at,
     safe_ids,
     student_logits,
     target_logits,
@@ -51,15 +54,10 @@ from mmdistill.methods.base import (
 HT, LH, HS, LL = 0, 1, 2, 3
 REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
-TOPK_FROM = ("student", "teacher")
 # Kinds of term, in the order of the per-token weight extras [B, N, 3]:
 # JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
 TERMS = ("js_teacher", "topk_teacher", "topk_self")
 DIAGNOSTICS = ("reverse_kl", "student_entropy", "teacher_entropy")
-
-
-def _gather(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
 def _drop_count(n: int, trim: float) -> int:
@@ -185,11 +183,9 @@ class DOPD:
         regimes=REGIMES,
     ):
         self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
             raise ValueError(f"trim must be a number in [0, 1), got {trim!r}")
-        self.topk, self.trim = topk, float(trim)
+        self.topk, self.trim = check_topk(topk), float(trim)
         self.topk_from = choice("topk_from", topk_from, TOPK_FROM)
         self.threshold = choice("threshold", threshold, THRESHOLDS)
         self.reduction = check_reduction(reduction)
@@ -237,8 +233,8 @@ class DOPD:
 
     def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
-            "log_qs": _gather(lp, ids),
-            "log_qt": _gather(lt, ids),
+            "log_qs": gather_at(lp, ids),
+            "log_qt": gather_at(lt, ids),
             "reverse_kl": reverse_kl(ls, lt),  # diagnostic: student vs teacher_full, full vocabulary
             "student_entropy": entropy(ls),
             "teacher_entropy": entropy(lt),

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from mmdistill.batch import VIEWS, Batch, ViewLogits
+from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import (
     reduction_weights,
     token_loss,
@@ -23,6 +23,7 @@ from mmdistill.chunked import (
 )
 from mmdistill.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
 from mmdistill.methods.base import (
+    TARGETS,
     check_chunk_size,
     check_reduction,
     choice,
@@ -30,8 +31,6 @@ from mmdistill.methods.base import (
     target_logits,
     weighted_means,
 )
-
-TARGETS = tuple(v for v in VIEWS if v != "student")
 
 
 def _unit(key: str, value) -> float:

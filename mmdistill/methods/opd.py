@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.batch import VIEWS, Batch, ViewLogits
+from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
 from mmdistill.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
 from mmdistill.methods.base import (
+    TARGETS,
+    TOPK_FROM,
     check_chunk_size,
     check_reduction,
+    check_topk,
     choice,
+    gather_at,
     safe_ids,
     student_logits,
     target_logits,
@@ -21,13 +25,6 @@ from mmdistill.methods.base import (
 )
 
 ESTIMATORS = ("sampled", "topk", "full")
-TOPK_FROM = ("student", "teacher")
-TARGETS = tuple(v for v in VIEWS if v != "student")
-
-
-def _gather(lp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return lp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-
 
 class OPD:
     """Per-token reverse KL(pi_S || target), averaged over response tokens.
@@ -53,9 +50,7 @@ class OPD:
         self.target = choice("target", target, TARGETS)
         self.reduction = check_reduction(reduction)
         self.topk_from = choice("topk_from", topk_from, TOPK_FROM)
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int, got {topk!r}")
-        self.topk, self.chunk_size = topk, check_chunk_size(chunk_size)
+        self.topk, self.chunk_size = check_topk(topk), check_chunk_size(chunk_size)
         self.views = ("student", target)
 
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -69,7 +64,7 @@ class OPD:
     def _diagnostics(ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
             "reverse_kl": reverse_kl(ls, lt),
-            "sampled_reverse_kl": _gather(ls, ids) - _gather(lt, ids),
+            "sampled_reverse_kl": gather_at(ls, ids) - gather_at(lt, ids),
             "student_entropy": entropy(ls),
             "teacher_entropy": entropy(lt),
         }

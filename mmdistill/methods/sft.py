@@ -9,6 +9,7 @@ from mmdistill.divergences import entropy
 from mmdistill.methods.base import (
     check_chunk_size,
     check_reduction,
+    gather_at,
     safe_ids,
     student_logits,
     weighted_means,
@@ -16,7 +17,7 @@ from mmdistill.methods.base import (
 
 
 def _nll(ls: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return -ls.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return -gather_at(ls, ids)
 
 
 class SFT:
