@@ -32,13 +32,13 @@ def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
     return chunk_size
 
 
-def reduction_weights(mask: torch.Tensor, reduction: str = "seq") -> torch.Tensor:
+def reduction_weights(mask: torch.Tensor, reduction: str = "seq", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-token weights whose weighted sum is the masked mean.
 
     "seq": mean over each sequence's tokens, then over the sequences that have any;
     "token": mean over all tokens of the batch. An empty mask gives all-zero weights.
     """
-    m = mask.to(torch.float32)
+    m = mask.to(dtype)
     if reduction == "token":
         return m / m.sum().clamp(min=1.0)
     if reduction != "seq":

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from mmdistill.chunked import reduction_weights
+
 NEG_INF = float("-inf")
 
 
@@ -154,15 +156,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduction: str = "seq") -> 
     Padding is removed with torch.where, so whatever sits there (inf, NaN from padded positions)
     reaches neither the value nor the gradient; an empty mask gives a 0 still attached to x.
     """
-    if reduction not in ("seq", "token"):
-        raise ValueError(f"reduction must be 'seq' or 'token', got {reduction!r}")
     if x.shape != mask.shape:
         raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} differ in shape")
     mask = mask.bool()
-    kept = torch.where(mask, x, torch.zeros_like(x))
-    if reduction == "token":
-        return kept.sum() / mask.sum().clamp(min=1)
-    counts = mask.sum(-1)
-    per_seq = kept.sum(-1) / counts.clamp(min=1)
-    has = counts > 0
-    return torch.where(has, per_seq, torch.zeros_like(per_seq)).sum() / has.sum().clamp(min=1)
+    weight = reduction_weights(mask, reduction, dtype=x.dtype)
+    return (torch.where(mask, x, torch.zeros_like(x)) * weight).sum()
