@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -37,11 +37,37 @@ class ArchConfig:
 
 
 @dataclass
+class TowerConfig:
+    """The vision tower of a composite VLM: any timm or open_clip model name."""
+
+    source: str = "timm"  # timm | open_clip
+    name: str = ""  # empty = no composite (a text model, or a Hugging Face VLM from `path`)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # create_model / vision_cfg overrides (sizes)
+    image_size: int = 224
+    weights: Optional[str] = None  # a local file of tower weights; empty = random init
+
+
+@dataclass
+class CompositeConfig:
+    """A VLM built from parts: tower -> projector -> the causal LM (`arch`, or `lm_path`)."""
+
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    projector: str = "mlp"  # linear | mlp
+    pool_tokens: int = 0  # image tokens after adaptive average pooling; 0 = every tower token
+    lm_path: Optional[str] = None  # a Hugging Face causal LM directory; empty = random init from `arch`
+    freeze_tower: bool = False
+    freeze_lm: bool = False
+
+
+@dataclass
 class ModelConfig:
-    path: Optional[str] = None  # a Hugging Face model directory; empty = random init from `arch`
+    # A Hugging Face model directory: a causal LM, a native VLM (LLaVA, Qwen-VL, SmolVLM, Idefics3
+    # ... with its processor) or a saved composite. Empty = random init from `arch` (+ `vision`).
+    path: Optional[str] = None
     gguf_file: Optional[str] = None  # a .gguf inside `path` (transformers dequantises it)
     tokenizer: Optional[str] = None  # defaults to `path`, else the shipped assets/tokenizer
     arch: ArchConfig = field(default_factory=ArchConfig)
+    vision: CompositeConfig = field(default_factory=CompositeConfig)  # set vision.tower.name for a composite VLM
     dtype: str = "float32"
     trust_remote_code: bool = False
 
@@ -56,6 +82,21 @@ class TeacherConfig:
 
 
 @dataclass
+class PrivilegedImageConfig:
+    """Privileged information about images: boxes as text ({boxes} in privileged.text) and/or
+    the images the privileged views see."""
+
+    # Images of the privileged views. auto: the sample's teacher_images when it has them, else
+    # the student's; student: always the student's; teacher: teacher_images (required);
+    # draw: the student's images with the view's boxes (and labels) drawn on.
+    source: str = "auto"
+    partial_boxes: str = "subset"  # subset: the first ceil(partial_ratio * n) boxes; unlabeled: all boxes, no labels
+    box_digits: int = 2  # decimals of the normalised [x0, y0, x1, y1] in {boxes}
+    draw_labels: bool = True
+    line_width: int = 2
+
+
+@dataclass
 class PrivilegedConfig:
     """How privileged information enters the prompts of the privileged views."""
 
@@ -64,8 +105,9 @@ class PrivilegedConfig:
     # The user turn of privileged views; {prompt} is the task input, {privileged} is p.
     template: str = "{prompt}\nHint: {privileged}"
     # Partial views cut this sample field to a prefix of `partial_ratio` of its characters.
-    partial_field: str = "hint"
+    partial_field: str = "hint"  # a text field, or "boxes" (the partial view then keeps privileged.image.partial_boxes)
     partial_ratio: float = 0.5
+    image: PrivilegedImageConfig = field(default_factory=PrivilegedImageConfig)
 
 
 @dataclass
@@ -86,11 +128,27 @@ class ArithDataConfig:
 
 
 @dataclass
+class ScenesDataConfig:
+    """Procedural images of coloured shapes with questions; boxes + labels are the privileged data."""
+
+    seed: int = 0
+    num_train: int = 2000
+    num_test: int = 200
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    question_types: List[str] = field(default_factory=lambda: ["count", "attribute", "spatial"])
+
+
+@dataclass
 class DataConfig:
-    source: str = "arith"  # arith: the built-in procedural task; jsonl: records from `train_path`
+    # arith, scenes: built-in procedural tasks; jsonl: records from `train_path` (image paths
+    # relative to the file)
+    source: str = "arith"
     train_path: Optional[str] = None
     test_path: Optional[str] = None
     arith: ArithDataConfig = field(default_factory=ArithDataConfig)
+    scenes: ScenesDataConfig = field(default_factory=ScenesDataConfig)
 
 
 @dataclass
@@ -213,7 +271,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
-    "data.source": ("arith", "jsonl"),
+    "data.source": ("arith", "scenes", "jsonl"),
+    "student.vision.tower.source": ("timm", "open_clip"),
+    "student.vision.projector": ("linear", "mlp"),
+    "teacher.model.vision.tower.source": ("timm", "open_clip"),
+    "teacher.model.vision.projector": ("linear", "mlp"),
+    "privileged.image.source": ("auto", "student", "teacher", "draw"),
+    "privileged.image.partial_boxes": ("subset", "unlabeled"),
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
     "method.opd.estimator": ("sampled", "topk", "full"),
     "method.opd.target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
@@ -238,6 +302,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, tuple[float, float, bool]] = {
     "teacher.ema_decay": (0.0, 1.0, True),
     "privileged.partial_ratio": (0.0, 1.0, True),
+    "privileged.image.box_digits": (0, 6, True),
+    "privileged.image.line_width": (0, float("inf"), False),
+    "student.vision.tower.image_size": (0, float("inf"), False),
+    "student.vision.pool_tokens": (0, float("inf"), True),
+    "teacher.model.vision.tower.image_size": (0, float("inf"), False),
+    "teacher.model.vision.pool_tokens": (0, float("inf"), True),
+    "data.scenes.num_train": (0, float("inf"), False),
+    "data.scenes.num_test": (0, float("inf"), True),
+    "data.scenes.image_size": (16, float("inf"), True),
+    "data.scenes.min_objects": (0, float("inf"), False),
+    "data.scenes.max_objects": (0, float("inf"), False),
     "rollout.max_new_tokens": (0, float("inf"), False),
     "rollout.temperature": (0.0, float("inf"), True),
     "rollout.top_p": (0.0, 1.0, False),
@@ -391,6 +466,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
     if cfg.student.gguf_file and not cfg.student.path:
         raise ConfigError("config key 'student.gguf_file' needs student.path")
+    if cfg.data.scenes.min_objects > cfg.data.scenes.max_objects:
+        raise ConfigError("config key 'data.scenes.min_objects' is larger than data.scenes.max_objects")
+    bad = sorted(set(cfg.data.scenes.question_types) - {"count", "attribute", "spatial"})
+    if bad or not cfg.data.scenes.question_types:
+        raise ConfigError(f"config key 'data.scenes.question_types' has {bad or 'nothing'}; allowed: count, attribute, spatial")
+    for who in ("student", "teacher.model"):
+        model = OmegaConf.select(cfg, who)
+        if model.vision.tower.name and model.path:
+            raise ConfigError(f"config key '{who}.vision.tower.name' builds a new composite; it cannot be combined with {who}.path")
+        if model.vision.lm_path and not model.vision.tower.name:
+            raise ConfigError(f"config key '{who}.vision.lm_path' needs {who}.vision.tower.name")
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
 

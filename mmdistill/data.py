@@ -7,13 +7,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mmdistill.tasks import arith
+from mmdistill.tasks import arith, scenes
 
 
 def load_split(cfg: DictConfig, split: str) -> list[dict]:
     if cfg.source == "arith":
         n = cfg.arith.num_train if split == "train" else cfg.arith.num_test
         return arith.make_samples(n, cfg.arith.seed, split=split, digits=cfg.arith.digits, ops=tuple(cfg.arith.ops))
+    if cfg.source == "scenes":
+        sc = cfg.scenes
+        return scenes.make_samples(sc.num_train if split == "train" else sc.num_test, sc.seed, split=split,
+                                   image_size=sc.image_size, min_objects=sc.min_objects, max_objects=sc.max_objects,
+                                   question_types=tuple(sc.question_types))
     path = cfg.train_path if split == "train" else cfg.test_path
     if not path:
         return []
@@ -34,6 +39,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if not isinstance(rec, dict) or not ("prompt" in rec or "messages" in rec):
                 raise ValueError(f"{path}:{n}: a record needs a 'prompt' or 'messages' field")
             rec.setdefault("id", f"{Path(path).name}:{n}")
+            for key in ("images", "teacher_images"):  # image paths are relative to the file
+                if isinstance(rec.get(key), list):
+                    rec[key] = [str(Path(path).parent / x) if isinstance(x, str) else x for x in rec[key]]
             out.append(rec)
     if not out:
         raise ValueError(f"{path}: no samples")

@@ -5,7 +5,14 @@ from types import SimpleNamespace
 
 import torch
 
-from mmdistill.tasks.arith import is_correct
+from mmdistill.tasks import arith, scenes
+
+CHECKERS = {"arith": arith.is_correct, "scenes": scenes.is_correct}
+
+
+def is_correct(text: str, sample: dict) -> bool:
+    """The sample's domain's checker; exact match after "Answer:" for any other domain."""
+    return CHECKERS.get(sample.get("domain"), arith.is_correct)(text, sample["answer"])
 
 
 @torch.no_grad()
@@ -18,5 +25,5 @@ def accuracy(adapter, model, samples: list[dict], batch_size: int, max_new_token
         chunk = samples[i : i + batch_size]
         batch = adapter.rollout(model, chunk, greedy)
         texts = adapter.tok.batch_decode(batch.response_ids, skip_special_tokens=True)
-        correct += sum(is_correct(t, s["answer"]) for t, s in zip(texts, chunk))
+        correct += sum(is_correct(t, s) for t, s in zip(texts, chunk))
     return correct / len(samples)

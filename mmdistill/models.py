@@ -1,13 +1,18 @@
-"""Loading students and teachers: a local Hugging Face model, a GGUF, or a random init."""
+"""Loading students and teachers: a local Hugging Face model (causal LM, native VLM or saved
+composite), a GGUF, or a random init (a causal LM, or a composite VLM built from parts)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
@@ -15,6 +20,7 @@ from transformers import (
 from mmdistill.config import REPO_ROOT
 
 DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer"
+COMPOSITE_TYPE = "mmdistill_composite"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,8 +63,53 @@ def load_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
     return model
 
 
+def model_kind(path: str | Path) -> str:
+    """text, vlm (a Hugging Face VLM: its config has a vision part) or composite (ours)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return "text"  # a GGUF, or a directory transformers will explain
+    config = json.loads(file.read_text())
+    if config.get("model_type") == COMPOSITE_TYPE:
+        return "composite"
+    return "vlm" if "vision_config" in config else "text"
+
+
+def load(cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """The model and what renders its prompts: a tokenizer (text) or a processor (VLM)."""
+    from mmdistill.composite import CompositeProcessor, CompositeVLM, build_composite
+
+    kind = model_kind(cfg.path) if cfg.path else ("composite" if cfg.vision.tower.name else "text")
+    if kind == "text":
+        tok = load_tokenizer(cfg)
+        return load_model(cfg, tok, seed), tok
+    if not cfg.path:  # a new composite: tower + projector + causal LM
+        tok = load_tokenizer(cfg)
+        if cfg.vision.lm_path:
+            lm = AutoModelForCausalLM.from_pretrained(cfg.vision.lm_path, dtype=DTYPES[cfg.dtype],
+                                                      trust_remote_code=cfg.trust_remote_code)
+        else:
+            lm = load_model(cfg, tok, seed)
+        spec = {"tower": OmegaConf.to_container(cfg.vision.tower), "projector": {"type": cfg.vision.projector, "pool_tokens": cfg.vision.pool_tokens},
+                "freeze_tower": cfg.vision.freeze_tower, "freeze_lm": cfg.vision.freeze_lm}
+        return build_composite(spec, tok, lm=lm, seed=seed, dtype=DTYPES[cfg.dtype])
+    if kind == "composite":
+        return CompositeVLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype]), CompositeProcessor.from_pretrained(cfg.path)
+    proc = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    if proc.tokenizer.pad_token_id is None:
+        proc.tokenizer.pad_token = proc.tokenizer.eos_token
+    model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return model, proc
+
+
+def tokenizer_of(proc: Any) -> PreTrainedTokenizerBase:
+    return proc if isinstance(proc, PreTrainedTokenizerBase) else proc.tokenizer
+
+
 def max_positions(model: torch.nn.Module) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
 
 
 def check_same_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, where: str) -> None:

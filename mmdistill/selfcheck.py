@@ -9,10 +9,10 @@ import torch
 from omegaconf import DictConfig
 from transformers.utils import logging as hf_logging
 
-from mmdistill.adapters import TextAdapter
+from mmdistill.adapters import build_adapter
 from mmdistill.data import load_split
 from mmdistill.methods import METHODS, build_method
-from mmdistill.models import load_model, load_tokenizer, max_positions
+from mmdistill.models import load, max_positions
 from mmdistill.teachers import Teacher
 from mmdistill.views import Views
 
@@ -27,11 +27,11 @@ def selfcheck(cfg: DictConfig, teacher_model: torch.nn.Module | None = None) -> 
     teacher_model replaces the frozen copy (tests use it to show the check can fail)."""
     hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.train.seed)
-    tok = load_tokenizer(cfg.student)
-    student = load_model(cfg.student, tok, seed=cfg.train.seed)
+    student, proc = load(cfg.student, seed=cfg.train.seed)
     teacher = teacher_model if teacher_model is not None else Teacher("frozen_student", student).model
-    adapter = TextAdapter(tok, cfg.privileged, max_positions(student))
-    samples = [{**s, **{k: "" for k in PRIVILEGED_FIELDS}} for s in load_split(cfg.data, "train")[: cfg.train.batch_size]]
+    adapter = build_adapter(proc, cfg.privileged, max_positions(student))
+    samples = [{**{k: v for k, v in s.items() if k != "teacher_images"}, **{k: "" for k in PRIVILEGED_FIELDS}, "boxes": []}
+               for s in load_split(cfg.data, "train")[: cfg.train.batch_size]]
     batch = adapter.rollout(student, samples, cfg.rollout)
     rows = []
     for name in METHODS:

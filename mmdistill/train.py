@@ -20,14 +20,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from mmdistill.adapters import TextAdapter
+from mmdistill.adapters import build_adapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import method_options, save_config
 from mmdistill.data import SampleStream, load_split
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger
-from mmdistill.models import check_same_vocab, load_model, load_tokenizer, max_positions
+from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
 from mmdistill.teachers import Teacher
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -44,15 +44,16 @@ def _prepare_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _build_teacher(cfg: DictConfig, method, student, tokenizer, device) -> Teacher | None:
+def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teacher | None, object]:
+    """The teacher and its tokenizer/processor (a self-teacher renders prompts as the student)."""
     if not any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
-        return None
-    model = None
+        return None, None
+    model, t_proc = None, None
     if cfg.teacher.mode == "model":
-        t_tok = load_tokenizer(cfg.teacher.model)
-        check_same_vocab(tokenizer, t_tok, f"teacher.model.path={cfg.teacher.model.path}")
-        model = load_model(cfg.teacher.model, t_tok, seed=cfg.train.seed + 1).to(device)
-    return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay)
+        model, t_proc = load(cfg.teacher.model, seed=cfg.train.seed + 1)
+        check_same_vocab(tokenizer_of(proc), tokenizer_of(t_proc), f"teacher.model.path={cfg.teacher.model.path}")
+        model = model.to(device)
+    return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay), t_proc
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -81,18 +82,18 @@ def train(cfg: DictConfig) -> Path:
     run_dir = _prepare_run_dir(cfg)
     method = build_method(cfg.method.name, **method_options(cfg))
 
-    tokenizer = load_tokenizer(cfg.student)
-    student = load_model(cfg.student, tokenizer, seed=cfg.train.seed).to(accelerator.device)
+    student, proc = load(cfg.student, seed=cfg.train.seed)
+    student = student.to(accelerator.device)
     student.train()
-    teacher = _build_teacher(cfg, method, student, tokenizer, accelerator.device)
+    teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
-    adapter = TextAdapter(tokenizer, cfg.privileged, max_length=min(limits) if limits else 0)
+    adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
 
     stream = SampleStream(load_split(cfg.data, "train"), cfg.train.batch_size, cfg.train.seed)
     test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+        [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * cfg.train.max_steps), cfg.train.max_steps)
 
@@ -160,7 +161,7 @@ def train(cfg: DictConfig) -> Path:
                         teacher=teacher, stream=stream, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
     student.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    proc.save_pretrained(final)
     if test:
         summary["accuracy_after"] = accuracy(adapter, student, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)
         accelerator.print(f"held-out accuracy after:  {summary['accuracy_after']:.3f} ({len(test)} samples)")

@@ -35,7 +35,7 @@ class Views(Mapping):
             model = self.student if policy == "student" else self.teacher
             if model is None:
                 raise ValueError(f"view '{name}' needs a teacher, and this run has none")
-            self._cache[name] = self.adapter.logits(model, self.batch, level, grad=(name == "student"))
+            self._cache[name] = self.adapter.logits(model, self.batch, level, grad=(name == "student"), policy=policy)
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -49,3 +49,30 @@ def test_train_end_to_end(tmp_path, method):
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = student.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_train_tiny_composite_vlm_with_image_annotations(tmp_path):
+    """DOPD on a tiny composite VLM; privileged boxes drawn on the image and as text."""
+    from mmdistill.composite import CompositeProcessor, CompositeVLM
+    from mmdistill.tasks.scenes import make_samples
+
+    run = tmp_path / "run"
+    proc = mmdistill("train", "tiny_vlm", f"train.output_dir={run}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0
+        assert abs(r["share_ht"] + r["share_lh"] + r["share_hs"] + r["share_ll"] - 1) < 1e-6
+    assert 0.0 <= json.loads((run / "summary.json").read_text())["accuracy_after"] <= 1.0
+
+    # The saved student reloads as a unit (tower, projector, LM, processor) and answers from an image.
+    student = CompositeVLM.from_pretrained(run / "student").eval()
+    processor = CompositeProcessor.from_pretrained(run / "student")
+    assert student.config.to_dict()["tower"]["name"] == "vit_tiny_patch16_224"
+    s = make_samples(1, 0, "test", image_size=32)[0]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["prompt"]}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[s["images"]], return_tensors="pt")
+    out = student.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]

@@ -7,6 +7,7 @@ re-tokenised with the prompt, so every view predicts exactly the tokens the stud
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -66,6 +67,15 @@ def right_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+@dataclass
+class Prompts:
+    """Left-padded prompt ids of one view, plus whatever else the model reads (pixels...)."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
 class TextAdapter:
     """Builds each view's prompt from a sample record and scores responses under it.
 
@@ -73,27 +83,36 @@ class TextAdapter:
     `system`, and privileged fields (`hint`, `reasoning`, `answer`, ...) that
     `privileged.text` formats into p. An empty p gives the plain prompt, so `student_priv`
     then equals `student` exactly.
+
+    `teacher` is the teacher's own tokenizer (or processor) when it renders prompts
+    differently; both must share the vocabulary, since views are compared id by id.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, privileged: Any, max_length: int):
-        self.tok = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, privileged: Any, max_length: int, teacher: Any = None):
+        self.procs = {"student": tokenizer, "teacher": tokenizer if teacher is None else teacher}
+        self.tok = getattr(tokenizer, "tokenizer", tokenizer)
         self.priv = privileged
         self.max_length = max_length
-        self.vocab_size = len(tokenizer)
-        self.pad_id = tokenizer.pad_token_id
-        self.eos_ids = sorted({tokenizer.eos_token_id})
-        check_template(tokenizer)
+        self.vocab_size = len(self.tok)
+        self.pad_id = self.tok.pad_token_id
+        self.eos_ids = sorted({self.tok.eos_token_id})
+        for proc in {id(p): p for p in self.procs.values()}.values():
+            check_template(proc)
 
     # -- prompts ---------------------------------------------------------------------------
+
+    def fields(self, sample: dict, level: str | None) -> dict:
+        """The sample's fields as `privileged.text` sees them at this level."""
+        fields = dict(sample)
+        if level == "partial":
+            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field), self.priv.partial_ratio)
+        return fields
 
     def privileged_text(self, sample: dict, level: str | None) -> str:
         if level is None:
             return ""
-        fields = dict(sample)
-        if level == "partial":
-            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field), self.priv.partial_ratio)
         try:
-            return self.priv.text.format_map(fields).strip()
+            return self.priv.text.format_map(self.fields(sample, level)).strip()
         except KeyError as exc:
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field {exc} needed by privileged.text") from None
 
@@ -107,32 +126,45 @@ class TextAdapter:
         p = self.privileged_text(sample, level)
         if p:
             last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-            msgs[last_user]["content"] = self.priv.template.format(prompt=msgs[last_user]["content"], privileged=p)
+            msgs[last_user]["content"] = splice(msgs[last_user]["content"], self.priv.template, p)
         return msgs
 
-    def prompt_ids(self, samples: list[dict], level: str | None) -> list[list[int]]:
-        texts = [self.tok.apply_chat_template(self.messages(s, level), add_generation_prompt=True, tokenize=False) for s in samples]
-        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+    def prompt_texts(self, samples: list[dict], level: str | None, policy: str = "student") -> list[str]:
+        proc = self.procs[policy]
+        texts = [proc.apply_chat_template(self.messages(s, level), add_generation_prompt=True, tokenize=False) for s in samples]
         if level is not None:
-            plain = self.prompt_ids(samples, None)
-            for s, a, b in zip(samples, ids, plain):
+            plain = self.prompt_texts(samples, None, policy)
+            for s, a, b in zip(samples, texts, plain):
                 if a == b and self.privileged_text(s, level):
                     raise TemplateError(
                         f"sample '{s.get('id', '?')}': the chat template dropped the privileged text "
                         "(privileged and plain prompts are identical)"
                     )
-        return ids
+        return texts
+
+    def prompt_ids(self, samples: list[dict], level: str | None, policy: str = "student") -> list[list[int]]:
+        return self.tok(self.prompt_texts(samples, level, policy), add_special_tokens=False)["input_ids"]
+
+    def encode(self, samples: list[dict], level: str | None, policy: str, device: torch.device) -> Prompts:
+        ids, attn = left_pad(self.prompt_ids(samples, level, policy), self.pad_id, device)
+        return Prompts(ids, attn)
+
+    def prepare(self, samples: list[dict]) -> list[dict]:
+        """Samples as the views read them (the vision adapter decodes images here, once)."""
+        return samples
 
     def _field(self, sample: dict, name: str) -> str:
         if name not in sample:
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field '{name}'")
         return sample[name]
 
-    def _check_fits(self, samples: list[dict], prompts: list[list[int]], response_len: int, what: str) -> None:
-        for s, p in zip(samples, prompts):
-            if self.max_length and len(p) + response_len > self.max_length:
+    def _check_fits(self, samples: list[dict], prompts: Prompts, response_lens: int | list[int], what: str) -> None:
+        if isinstance(response_lens, int):
+            response_lens = [response_lens] * len(samples)
+        for s, n, response_len in zip(samples, prompts.attn.sum(1).tolist(), response_lens):
+            if self.max_length and n + response_len > self.max_length:
                 raise ContextTooLong(
-                    f"sample '{s.get('id', '?')}': {what} prompt of {len(p)} tokens + {response_len} response "
+                    f"sample '{s.get('id', '?')}': {what} prompt of {n} tokens + {response_len} response "
                     f"tokens exceeds the context of {self.max_length} (raise train.max_length or shorten the sample)"
                 )
 
@@ -141,11 +173,10 @@ class TextAdapter:
     @torch.no_grad()
     def rollout(self, model: torch.nn.Module, samples: list[dict], cfg: Any) -> Batch:
         """Sample from the student WITHOUT privileged information (KV-cached `generate`)."""
-        samples = [s for s in samples for _ in range(cfg.num_rollouts)]
-        prompts = self.prompt_ids(samples, None)
-        self._check_fits(samples, prompts, cfg.max_new_tokens, "student")
+        samples = self.prepare([s for s in samples for _ in range(cfg.num_rollouts)])
         device = next(model.parameters()).device
-        ids, attn = left_pad(prompts, self.pad_id, device)
+        prompts = self.encode(samples, None, "student", device)
+        self._check_fits(samples, prompts, cfg.max_new_tokens, "student")
         greedy = cfg.temperature == 0
         gen = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -160,10 +191,11 @@ class TextAdapter:
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)
+            out = model.generate(input_ids=prompts.ids, attention_mask=prompts.attn, **model_inputs(model, prompts.extras),
+                                 generation_config=gen)
         finally:
             model.train(was_training)
-        resp = out[:, ids.shape[1]:]
+        resp = out[:, prompts.ids.shape[1]:]
         if resp.shape[1] == 0:  # max_new_tokens reached nothing? generate always yields >= 1
             raise RuntimeError("generate returned no tokens")
         mask = response_mask(resp, self.eos_ids)
@@ -171,51 +203,98 @@ class TextAdapter:
 
     def oracle_batch(self, samples: list[dict]) -> Batch:
         """Reference responses (for SFT and off-policy mixing), ending with EOS like a rollout."""
+        samples = self.prepare(samples)
         resp = self.tok([self._field(s, "response") for s in samples], add_special_tokens=False)["input_ids"]
         resp = [r + [self.eos_ids[0]] for r in resp]
-        for s, p, r in zip(samples, self.prompt_ids(samples, None), resp):
-            self._check_fits([s], [p], len(r), "student")
+        self._check_fits(samples, self.encode(samples, None, "student", torch.device("cpu")), [len(r) for r in resp], "student")
         ids, mask = right_pad(resp, self.pad_id, torch.device("cpu"))
         return Batch(ids, mask, samples, on_policy=False)
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def logits(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool) -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool, policy: str = "student") -> torch.Tensor:
         """[B, N, V] next-token logits (model dtype) at each response position under this view.
 
         Logits, not log-probs: methods normalise them chunk by chunk in float32 (chunked.py), so
         no [B, N, V] float32 copy is made per view.
         """
-        prompts = self.prompt_ids(batch.samples, level)
+        device = next(model.parameters()).device
+        prompts = self.encode(batch.samples, level, policy, device)
         n = batch.response_ids.shape[1]
         self._check_fits(batch.samples, prompts, n, "scored")
-        device = next(model.parameters()).device
-        ids, attn = left_pad(prompts, self.pad_id, device)
         resp = batch.response_ids.to(device)
-        full = torch.cat([ids, resp], dim=1)
-        full_attn = torch.cat([attn, batch.response_mask.to(device).long()], dim=1)
+        full = torch.cat([prompts.ids, resp], dim=1)
+        full_attn = torch.cat([prompts.attn, batch.response_mask.to(device).long()], dim=1)
         if not torch.equal(full[:, -n:], resp):
             raise TemplateError("response ids changed while building a view; views would not be aligned")
-        # Positions count real tokens only, so left padding never shifts a view.
-        positions = (full_attn.cumsum(-1) - 1).clamp(min=0)
+        extras = {k: extend_over(v, prompts.ids, n) for k, v in prompts.extras.items()}
         with torch.set_grad_enabled(grad):
-            out = model(input_ids=full, attention_mask=full_attn, position_ids=positions, logits_to_keep=n + 1, use_cache=False)
+            out = model(input_ids=full, attention_mask=full_attn, position_ids=positions(model, full_attn),
+                        **model_inputs(model, extras), logits_to_keep=n + 1, use_cache=False)
             logits = out.logits[:, :-1]
             if logits.shape[-1] < self.vocab_size:
                 raise ValueError(f"model vocab {logits.shape[-1]} is smaller than the tokenizer's {self.vocab_size}")
             return logits[..., : self.vocab_size]
 
 
-def check_template(tok: PreTrainedTokenizerBase) -> None:
+def splice(content: Any, template: str, privileged: str) -> Any:
+    """The user turn with p spliced in; in a multimodal turn, into its last text part."""
+    if isinstance(content, str):
+        return template.format(prompt=content, privileged=privileged)
+    parts = [dict(p) for p in content]
+    texts = [i for i, p in enumerate(parts) if p.get("type") == "text"]
+    if not texts:
+        return [*parts, {"type": "text", "text": template.format(prompt="", privileged=privileged).strip()}]
+    parts[texts[-1]]["text"] = template.format(prompt=parts[texts[-1]]["text"], privileged=privileged)
+    return parts
+
+
+def uses_model_positions(model: torch.nn.Module) -> bool:
+    """Models with multimodal rotary positions (Qwen-VL) derive them from the ids, image grids
+    and attention mask themselves; 1-D positions would be wrong for them."""
+    inner = getattr(model, "model", None)
+    return hasattr(model, "get_rope_index") or hasattr(inner, "get_rope_index")
+
+
+def positions(model: torch.nn.Module, attn: torch.Tensor) -> torch.Tensor | None:
+    """Positions that count real tokens only, so left padding never shifts a view."""
+    if uses_model_positions(model):
+        return None
+    return (attn.cumsum(-1) - 1).clamp(min=0)
+
+
+def extend_over(value: Any, prompt_ids: torch.Tensor, n: int) -> Any:
+    """Per-token prompt inputs (Qwen-VL's mm_token_type_ids) extended over the response as
+    text tokens (0), as generate extends them while it samples."""
+    if not torch.is_tensor(value) or value.shape != prompt_ids.shape:
+        return value
+    return torch.cat([value, value.new_zeros(value.shape[0], n)], dim=1)
+
+
+def model_inputs(model: torch.nn.Module, extras: dict[str, Any]) -> dict[str, Any]:
+    """Extra inputs on the model's device; pixels in its dtype."""
+    param = next(model.parameters())
+    return {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+            for k, v in extras.items()}
+
+
+def check_template(tok: Any) -> None:
     """Rollouts are sampled after the generation prompt; the template must agree that an
-    assistant turn starts exactly there, or training and deployment would see different text."""
-    probe = [{"role": "user", "content": "2+2?"}]
+    assistant turn starts exactly there, or training and deployment would see different text.
+    `tok` is a tokenizer or a processor (anything with a chat template)."""
+    text = isinstance(tok, PreTrainedTokenizerBase)  # processors get multimodal parts, as in training
+    probe = [{"role": "user", "content": "2+2?" if text else [{"type": "text", "text": "2+2?"}]}]
+    answer = {"role": "assistant", "content": "4" if text else [{"type": "text", "text": "4"}]}
     head = tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-    whole = tok.apply_chat_template(probe + [{"role": "assistant", "content": "4"}], tokenize=False)
+    whole = tok.apply_chat_template(probe + [answer], tokenize=False)
     if not whole.startswith(head) or not whole[len(head):].startswith("4"):
         raise TemplateError(
-            f"chat template of '{tok.name_or_path}': the generation prompt {head[-40:]!r} is not where the "
+            f"chat template of '{_name(tok)}': the generation prompt {head[-40:]!r} is not where the "
             "rendered assistant turn begins; response ids would differ between rollout and scoring"
         )
     if "2+2?" not in head:
-        raise TemplateError(f"chat template of '{tok.name_or_path}' drops the user's content")
+        raise TemplateError(f"chat template of '{_name(tok)}' drops the user's content")
+
+
+def _name(proc: Any) -> str:
+    return getattr(proc, "name_or_path", None) or getattr(getattr(proc, "tokenizer", None), "name_or_path", type(proc).__name__)
