@@ -10,6 +10,7 @@ Nothing is downloaded: towers are random init or loaded from a local weights fil
 """
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,15 +266,15 @@ class CompositeVLM(nn.Module):
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        config = generation_config or self.lm.generation_config
+        config = copy.deepcopy(generation_config or self.lm.generation_config)
         suppress = set(config.suppress_tokens or []) | set(kwargs.pop("suppress_tokens", None) or [])
+        config.suppress_tokens = sorted(suppress | {self.config.image_token_id})
         return self.lm.generate(
             input_ids=input_ids,
             inputs_embeds=self.embed(input_ids, pixel_values),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            generation_config=generation_config,
-            suppress_tokens=sorted(suppress | {self.config.image_token_id}),
+            generation_config=config,
             **kwargs,
         )
 

@@ -41,7 +41,7 @@ class TowerConfig:
     """The vision tower of a composite VLM: any timm or open_clip model name."""
 
     source: str = "timm"  # timm | open_clip
-    name: str = ""  # empty = no composite (a text model, or a Hugging Face VLM from `path`)
+    name: Optional[str] = None  # empty = no composite (a text model, or a Hugging Face VLM from `path`)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # create_model / vision_cfg overrides (sizes)
     image_size: int = 224
     weights: Optional[str] = None  # a local file of tower weights; empty = random init

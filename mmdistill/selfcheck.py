@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import build_adapter
@@ -16,7 +16,6 @@ from mmdistill.models import load, max_positions
 from mmdistill.teachers import Teacher
 from mmdistill.views import Views
 
-PRIVILEGED_FIELDS = ("hint", "reasoning", "answer")
 # Options worth checking separately: each estimator is its own code path.
 VARIANTS: dict[str, list[dict]] = {"opd": [{"estimator": e} for e in ("full", "topk", "sampled")]}
 
@@ -29,8 +28,10 @@ def selfcheck(cfg: DictConfig, teacher_model: torch.nn.Module | None = None) -> 
     torch.manual_seed(cfg.train.seed)
     student, proc = load(cfg.student, seed=cfg.train.seed)
     teacher = teacher_model if teacher_model is not None else Teacher("frozen_student", student).model
-    adapter = build_adapter(proc, cfg.privileged, max_positions(student))
-    samples = [{**{k: v for k, v in s.items() if k != "teacher_images"}, **{k: "" for k in PRIVILEGED_FIELDS}, "boxes": []}
+    # No privileged information: p is empty (whatever privileged.text adds around the fields) and
+    # privileged images are the student's own (no boxes to draw, no teacher images).
+    adapter = build_adapter(proc, OmegaConf.merge(cfg.privileged, {"text": ""}), max_positions(student))
+    samples = [{**{k: v for k, v in s.items() if k != "teacher_images"}, "boxes": []}
                for s in load_split(cfg.data, "train")[: cfg.train.batch_size]]
     batch = adapter.rollout(student, samples, cfg.rollout)
     rows = []

@@ -20,3 +20,12 @@ def test_the_check_fails_for_a_different_teacher():
     other = load_model(cfg.student, load_tokenizer(cfg.student), seed=123)
     rows = selfcheck(cfg, teacher_model=other)
     assert all(loss > 1e-5 or grad > 1e-5 for _, loss, grad in rows)
+
+
+def test_selfcheck_on_a_composite_vlm_with_image_privileges():
+    """Boxes drawn on the privileged image and rendered as text: with no privileged information
+    every view equals the student's, so every method is exactly zero."""
+    cfg = load_config("tiny_vlm")
+    assert cfg.privileged.image.source == "draw" and "{boxes}" in cfg.privileged.text
+    for name, loss, grad in selfcheck(cfg):
+        assert loss <= 1e-5 and grad <= 1e-5, name

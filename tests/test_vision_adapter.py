@@ -71,7 +71,7 @@ def test_generate_logits_equal_scored_logits(pair, samples):
     and left padding line up, so the scored distribution is the one the sampler drew from."""
     name, student, proc, _, _ = pair
     ad = VisionAdapter(proc, priv_cfg(), 0)
-    prepared = ad.prepare(samples)
+    prepared = ad.prepare([*samples, {"id": "text-only", "prompt": "How many sides has a square?"}])  # mixed batch
     prompts = ad.encode(prepared, None, "student", torch.device("cpu"))
     gen = GenerationConfig(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
                            pad_token_id=ad.pad_id, eos_token_id=ad.eos_ids)
@@ -205,3 +205,47 @@ def test_cross_family_teacher_and_vocab_mismatch(samples):
     _, c_proc = build_pair("composite_timm", 0)  # the shipped tokenizer + <image>: not LLaVA's vocab
     with pytest.raises(ValueError, match="vocab mismatch"):
         check_same_vocab(proc.tokenizer, c_proc.tokenizer, "families")
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "composite_timm"])
+def test_rollouts_never_sample_an_image_token(name, samples):
+    """A response holding an image placeholder could not be scored: generation suppresses them."""
+    student, proc = build_pair(name, 0)
+    ad = VisionAdapter(proc, priv_cfg(), 0)
+    image_id = proc.image_token_id
+    assert image_id in ad.never_sample
+
+    def favour_image_token(module, args, out):  # a student that wants nothing but the image token
+        out = out.clone()
+        out[..., image_id] += 100.0
+        return out
+
+    student.get_output_embeddings().register_forward_hook(favour_image_token)
+    batch = ad.rollout(student.eval(), samples, rollout_cfg(temperature=0.0))
+    assert not (batch.response_ids == image_id).any()
+    ad.logits(student, batch, None, grad=False)  # scorable
+    if name != "composite_timm":  # the composite suppresses it in its own generate too
+        ad.never_sample = []
+        assert (ad.rollout(student.eval(), samples, rollout_cfg(temperature=0.0)).response_ids == image_id).any()
+
+
+def test_train_hf_vlm_student_with_a_teacher_of_another_family(tmp_path):
+    """`train` on saved Hugging Face VLM directories: a SmolVLM student, a Qwen2-VL teacher."""
+    import json
+
+    from mmdistill.models import load, model_kind
+    from mmdistill.train import train
+    from vlm_families import save_family
+
+    student_dir = save_family("smolvlm", tmp_path / "student", seed=0)
+    teacher_dir = save_family("qwen2_vl", tmp_path / "teacher", seed=1)
+    assert model_kind(student_dir) == model_kind(teacher_dir) == "vlm"
+    cfg = load_config("tiny_vlm", [
+        f"student.path={student_dir}", "student.vision.tower.name=", f"teacher.model.path={teacher_dir}",
+        "teacher.model.vision.tower.name=", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "eval.num_samples=2",
+    ])
+    run = train(cfg)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 1 and row["tokens"] > 0
+    model, proc = load(OmegaConf.merge(cfg.student, {"path": str(run / "student")}))
+    assert type(model).__name__ == "SmolVLMForConditionalGeneration" and type(proc).__name__ == "SmolVLMProcessor"

@@ -96,6 +96,7 @@ class TextAdapter:
         self.vocab_size = len(self.tok)
         self.pad_id = self.tok.pad_token_id
         self.eos_ids = sorted({self.tok.eos_token_id})
+        self.never_sample: list[int] = []  # ids a response must not hold (a VLM's image tokens)
         for proc in {id(p): p for p in self.procs.values()}.values():
             check_template(proc)
 
@@ -184,6 +185,7 @@ class TextAdapter:
             temperature=None if greedy else cfg.temperature,
             top_p=None if greedy else cfg.top_p,
             top_k=None if greedy else 0,
+            suppress_tokens=self.never_sample or None,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             use_cache=True,

@@ -32,6 +32,12 @@ class VisionAdapter(TextAdapter):
     Images are placed before the text of the first user turn unless the sample's messages
     already hold image parts."""
 
+    def __init__(self, processor: Any, privileged: Any, max_length: int, teacher: Any = None):
+        super().__init__(processor, privileged, max_length, teacher)
+        # A sampled image placeholder would make the response unscorable (no image behind it).
+        ids = {getattr(p, k, None) for p in self.procs.values() for k in ("image_token_id", "video_token_id")}
+        self.never_sample = sorted(i for i in ids if isinstance(i, int))
+
     def prepare(self, samples: list[dict]) -> list[dict]:
         """Decode every image once per batch and validate boxes; errors name the sample."""
         out = []
