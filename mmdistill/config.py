@@ -143,10 +143,16 @@ class ScenesDataConfig:
 @dataclass
 class DataConfig:
     # arith, scenes: built-in procedural tasks; jsonl: records from `train_path` (image paths
-    # relative to the file)
+    # relative to the file); shards: WebDataset shards (a directory with a manifest, a
+    # manifest, a brace pattern or a tar) streamed by mmdistill/loader.py
     source: str = "arith"
     train_path: Optional[str] = None
     test_path: Optional[str] = None
+    select: Dict[str, Any] = field(default_factory=dict)  # keep records whose fields equal these (a list = any of)
+    num_workers: int = 0  # DataLoader workers reading shards (shards are split by rank, then worker)
+    shuffle_buffer: int = 1000  # samples; 0 = shard order
+    epochs: int = 0  # passes over the shards; 0 = endless (train.max_steps decides)
+    on_bad_sample: str = "raise"  # raise: stop naming shard and key; skip: skip, count (data_bad_samples) and warn
     arith: ArithDataConfig = field(default_factory=ArithDataConfig)
     scenes: ScenesDataConfig = field(default_factory=ScenesDataConfig)
 
@@ -271,7 +277,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
-    "data.source": ("arith", "scenes", "jsonl"),
+    "data.source": ("arith", "scenes", "jsonl", "shards"),
+    "data.on_bad_sample": ("raise", "skip"),
     "student.vision.tower.source": ("timm", "open_clip"),
     "student.vision.projector": ("linear", "mlp"),
     "teacher.model.vision.tower.source": ("timm", "open_clip"),
@@ -308,6 +315,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "student.vision.pool_tokens": (0, float("inf"), True),
     "teacher.model.vision.tower.image_size": (0, float("inf"), False),
     "teacher.model.vision.pool_tokens": (0, float("inf"), True),
+    "data.num_workers": (0, 64, True),
+    "data.shuffle_buffer": (0, float("inf"), True),
+    "data.epochs": (0, float("inf"), True),
     "data.scenes.num_train": (0, float("inf"), False),
     "data.scenes.num_test": (0, float("inf"), True),
     "data.scenes.image_size": (16, float("inf"), True),
@@ -455,8 +465,8 @@ def validate(cfg: DictConfig) -> None:
         if not ((v >= lo if lo_ok else v > lo) and v <= hi):
             bound = f"{'[' if lo_ok else '('}{lo}, {hi}]"
             raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
-    if cfg.data.source == "jsonl" and not cfg.data.train_path:
-        raise ConfigError("config key 'data.train_path' must be set when data.source=jsonl")
+    if cfg.data.source in ("jsonl", "shards") and not cfg.data.train_path:
+        raise ConfigError(f"config key 'data.train_path' must be set when data.source={cfg.data.source}")
     bad = sorted(set(cfg.method.dopd.regimes) - {"ht", "lh", "hs", "ll"})
     if bad:
         raise ConfigError(f"config key 'method.dopd.regimes' has {bad}; allowed: ht, lh, hs, ll")

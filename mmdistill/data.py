@@ -10,7 +10,20 @@ from omegaconf import DictConfig
 from mmdistill.tasks import arith, scenes
 
 
+def matches(sample: dict, select: dict) -> bool:
+    """data.select: every named field equals the value (or is one of a list's values)."""
+    return all(sample.get(k) == v or (isinstance(v, (list, tuple)) and sample.get(k) in v) for k, v in select.items())
+
+
 def load_split(cfg: DictConfig, split: str) -> list[dict]:
+    """Every sample of a split, as records; data.select applies to every source."""
+    samples = _load_split(cfg, split)
+    if cfg.get("select"):
+        samples = [s for s in samples if matches(s, cfg.select)]
+    return samples
+
+
+def _load_split(cfg: DictConfig, split: str) -> list[dict]:
     if cfg.source == "arith":
         n = cfg.arith.num_train if split == "train" else cfg.arith.num_test
         return arith.make_samples(n, cfg.arith.seed, split=split, digits=cfg.arith.digits, ops=tuple(cfg.arith.ops))
@@ -22,7 +35,21 @@ def load_split(cfg: DictConfig, split: str) -> list[dict]:
     path = cfg.train_path if split == "train" else cfg.test_path
     if not path:
         return []
+    if cfg.source == "shards":
+        from mmdistill.loader import read_all
+
+        return read_all(path, on_bad=cfg.on_bad_sample)
     return read_jsonl(path)
+
+
+def train_stream(cfg: DictConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """Batches of training samples: shards are streamed, the other sources shuffled in memory."""
+    if cfg.source == "shards":
+        from mmdistill.loader import ShardStream
+
+        return ShardStream(cfg.train_path, batch_size, seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
+                           shuffle_buffer=cfg.shuffle_buffer, epochs=cfg.epochs, select=cfg.select, on_bad=cfg.on_bad_sample)
+    return SampleStream(load_split(cfg, "train"), batch_size, seed)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

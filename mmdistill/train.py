@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from mmdistill.adapters import build_adapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import method_options, save_config
-from mmdistill.data import SampleStream, load_split
+from mmdistill.data import load_split, train_stream
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger
@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> Path:
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
 
-    stream = SampleStream(load_split(cfg.data, "train"), cfg.train.batch_size, cfg.train.seed)
+    stream = train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
@@ -114,9 +114,13 @@ def train(cfg: DictConfig) -> Path:
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         parts: dict[str, float] = {}
-        tokens, lengths = 0, []
+        tokens, lengths, micro = 0, [], 0
         for _ in range(cfg.train.grad_accum):
-            samples = stream.next()
+            try:
+                samples = stream.next()
+            except StopIteration:  # data.epochs passes are done
+                break
+            micro += 1
             batch = adapter.rollout(student, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
             views = Views(adapter, batch, student, teacher.model if teacher else None)
             loss, metrics = method.loss(views, batch)
@@ -127,6 +131,10 @@ def train(cfg: DictConfig) -> Path:
                 parts[k] = parts.get(k, 0.0) + v / cfg.train.grad_accum
             tokens += batch.num_tokens
             lengths += batch.response_mask.sum(1).tolist()
+        if micro == 0:
+            step -= 1
+            accelerator.print(f"data exhausted after {cfg.data.epochs} epoch(s); stopping at step {step}")
+            break
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
         lr = scheduler.get_last_lr()[0]
@@ -146,6 +154,8 @@ def train(cfg: DictConfig) -> Path:
             "rollout_len": sum(lengths) / len(lengths),
             "step_s": seconds,
         }
+        if hasattr(stream, "bad_samples"):
+            row["data_bad_samples"] = stream.bad_samples
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             logger.log(step, row)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
