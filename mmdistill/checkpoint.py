@@ -36,32 +36,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, teacher, stream, keep: int) -> Path:
+def _rank_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"rank_{rank:05d}.pt"
+
+
+def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, teacher, stream, keep: int,
+                    accelerator=None) -> Path:
+    """Every rank writes its RNG states and data position into the `.tmp` directory; the main
+    process writes the shared state and renames it only after all ranks are done."""
+    rank = accelerator.process_index if accelerator else 0
+    main = rank == 0
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "student.safetensors"))
-    if teacher is not None and teacher.owns_weights:
-        save_model(teacher.model, str(tmp / "teacher.safetensors"))
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data": stream.state_dict(),
-            "rng": rng_state(),
-        },
-        tmp / "trainer_state.pt",
-    )
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if main:
+        model = accelerator.unwrap_model(student) if accelerator else student
+        save_model(model, str(tmp / "student.safetensors"))
+        if teacher is not None and teacher.owns_weights:
+            save_model(teacher.model, str(tmp / "teacher.safetensors"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "trainer_state.pt")
+    torch.save({"step": step, "rank": rank, "data": stream.state_dict(), "rng": rng_state()}, _rank_file(tmp, rank))
+    barrier()
+    if main:
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -94,14 +104,19 @@ def _load_weights(model, file: Path) -> None:
         )
 
 
-def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream) -> int:
+def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream, accelerator=None) -> int:
     path = Path(path)
-    _load_weights(student, path / "student.safetensors")
+    rank = accelerator.process_index if accelerator else 0
+    rank_file = _rank_file(path, rank)
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} (was it written by fewer processes?)")
+    _load_weights(accelerator.unwrap_model(student) if accelerator else student, path / "student.safetensors")
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["data"])
     if teacher is not None and teacher.owns_weights:
         _load_weights(teacher.model, path / "teacher.safetensors")
-    set_rng_state(state["rng"])
+    mine = torch.load(rank_file, weights_only=True)
+    stream.load_state_dict(mine["data"])
+    set_rng_state(mine["rng"])
     return int(state["step"])

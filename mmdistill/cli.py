@@ -42,6 +42,19 @@ def _selfcheck(args: argparse.Namespace) -> int:
     return selfcheck_main(cfg)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from mmdistill.plot import PlotError, plot_runs
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    try:
+        out = plot_runs(args.run_dirs, args.out, keys=keys, smooth=args.smooth)
+    except PlotError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from data_tools.cli import main as data_main
 
@@ -77,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="configs/NAME.yaml, NAME, or a path (default: tiny)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.set_defaults(func=_selfcheck)
+
+    p = sub.add_parser("plot", help="training curves to PNG: mmdistill plot RUN_DIR [RUN_DIR ...]",
+                       description="Plots each run's metrics.jsonl, one subplot per metric (share_*, loss_* and "
+                                   "time_* keys share one), x = step, one line per run. Writes RUN_DIR/curves.png "
+                                   "(first run) unless --out is given, and prints the path.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory holding metrics.jsonl")
+    p.add_argument("--out", metavar="FILE.png", help="output image (default: first RUN_DIR/curves.png)")
+    p.add_argument("--keys", metavar="K1,K2,...",
+                   help="comma-separated metrics or globs, e.g. loss,reverse_kl,share_* (default: every numeric key)")
+    p.add_argument("--smooth", type=int, default=1, metavar="N",
+                   help="moving average over N logged points, raw curve faint behind (default: 1, none)")
+    p.set_defaults(func=_plot)
 
     sub.add_parser("data", help="build and inspect datasets (same as python -m data_tools)", add_help=False)
 

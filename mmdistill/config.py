@@ -251,6 +251,9 @@ class TrainConfig:
     resume: str = "none"  # none | auto | a checkpoint directory
     max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
     progress: bool = True
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward
+    sample_every: int = 50  # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
 
 
 @dataclass
@@ -279,6 +282,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
     "data.source": ("arith", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
     "student.vision.tower.source": ("timm", "open_clip"),
     "student.vision.projector": ("linear", "mlp"),
     "teacher.model.vision.tower.source": ("timm", "open_clip"),
@@ -304,6 +308,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.dopd.threshold": ("trimmed_mean", "mean"),
     "method.dopd.reduction": ("seq", "token"),
 }
+
+NULLABLE = {"train.mixed_precision"}  # null: left to accelerate (its config file or launcher flag)
 
 # key -> (lowest, highest, whether the lowest is allowed)
 RANGES: dict[str, tuple[float, float, bool]] = {
@@ -351,6 +357,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "train.log_every": (0, float("inf"), False),
     "train.checkpoint_every": (0, float("inf"), True),
     "train.max_length": (0, float("inf"), True),
+    "train.sample_every": (0, float("inf"), True),
     "eval.num_samples": (0, float("inf"), True),
     "eval.batch_size": (0, float("inf"), False),
     "eval.max_new_tokens": (0, float("inf"), False),
@@ -458,6 +465,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def validate(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if value is None and key in NULLABLE:
+            continue
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
     for key, (lo, hi, lo_ok) in RANGES.items():

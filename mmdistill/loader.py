@@ -40,7 +40,7 @@ def _read(urls: Iterator[dict], select: dict[str, Any], on_bad: str) -> Iterator
                 while stats["errors"]:
                     yield {BAD: stats["errors"].pop(0)}
                 if matches(sample, select):
-                    yield sample
+                    yield {**sample, "source": f"{url}#{sample['id']}"}
         except ShardError as exc:
             if on_bad != "skip":
                 raise

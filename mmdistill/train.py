@@ -6,15 +6,17 @@ the self-teacher. Nothing here knows which method or modality is running.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -26,21 +28,22 @@ from mmdistill.config import method_options, save_config
 from mmdistill.data import load_split, train_stream
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
-from mmdistill.metrics import MetricsLogger
+from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
 from mmdistill.teachers import Teacher
 from mmdistill.views import VIEW_SPEC, Views
 
 
-def _prepare_run_dir(cfg: DictConfig) -> Path:
+def _prepare_run_dir(cfg: DictConfig, main: bool) -> Path:
     run_dir = Path(cfg.train.output_dir)
     if cfg.train.resume == "none" and list_checkpoints(run_dir):
         raise FileExistsError(
             f"train.output_dir '{run_dir}' already holds checkpoints; set train.resume=auto to continue it "
             "or choose another train.output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     return run_dir
 
 
@@ -77,12 +80,22 @@ def draw_on_policy(method) -> bool:
 
 def train(cfg: DictConfig) -> Path:
     hf_logging.disable_progress_bar()  # one progress bar: ours
-    set_seed(cfg.train.seed)
-    accelerator = Accelerator()
-    run_dir = _prepare_run_dir(cfg)
+    # Without an accelerator device, processes started by `accelerate launch`/torchrun train
+    # data-parallel on the CPU (gloo) instead of each believing it is alone.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise NotImplementedError(
+            f"{accelerator.distributed_type.value}: sharded students are not supported yet (checkpoints, the EMA "
+            "teacher and the final save need the full weights); use data-parallel (configs/accelerate/ddp.yaml)"
+        )
+    set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
+    run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     method = build_method(cfg.method.name, **method_options(cfg))
 
     student, proc = load(cfg.student, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)
@@ -96,37 +109,55 @@ def train(cfg: DictConfig) -> Path:
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * cfg.train.max_steps), cfg.train.max_steps)
+    # The student is wrapped for gradient sync (DDP/FSDP); the frozen teacher never is: it stays
+    # whole on every device, in eval mode. The scheduler steps once per optimizer step, by us.
+    student, optimizer = accelerator.prepare(student, optimizer)
+    plain = accelerator.unwrap_model(student)  # generation, saving and the EMA read the bare model
+    state = dict(student=student, optimizer=optimizer, scheduler=scheduler, teacher=teacher, stream=stream, accelerator=accelerator)
 
     start = 0
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
-        start = load_checkpoint(resume_from, student=student, optimizer=optimizer, scheduler=scheduler, teacher=teacher, stream=stream)
+        start = load_checkpoint(resume_from, **state)
         accelerator.print(f"resumed from {resume_from} at step {start}")
 
-    summary: dict = {"method": cfg.method.name, "run_dir": str(run_dir)}
+    summary: dict = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
+                     "distributed": accelerator.distributed_type.value, "mixed_precision": accelerator.mixed_precision}
     if test and start == 0:
-        summary["accuracy_before"] = accuracy(adapter, student, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        summary["accuracy_before"] = _evaluate(accelerator, adapter, plain, test, cfg)
         accelerator.print(f"held-out accuracy before: {summary['accuracy_before']:.3f} ({len(test)} samples)")
 
-    logger = MetricsLogger(run_dir, start)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not cfg.train.progress, desc=f"train {cfg.method.name}")
+    logger = MetricsLogger(run_dir, start) if accelerator.is_main_process else None
+    rollouts = RolloutLog(run_dir, accelerator.process_index, start, cfg.train.sample_every, adapter)
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train {cfg.method.name}",
+               disable=not (cfg.train.progress and accelerator.is_local_main_process))
     step = start
     for step in range(start + 1, cfg.train.max_steps + 1):
         t0 = time.perf_counter()
         parts: dict[str, float] = {}
+        timing: dict[str, float] = {}
         tokens, lengths, micro = 0, [], 0
-        for _ in range(cfg.train.grad_accum):
+        for i in range(cfg.train.grad_accum):
             try:
                 samples = stream.next()
             except StopIteration:  # data.epochs passes are done
                 break
             micro += 1
-            batch = adapter.rollout(student, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
-            views = Views(adapter, batch, student, teacher.model if teacher else None)
-            loss, metrics = method.loss(views, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()} (metrics {metrics})")
-            accelerator.backward(loss / cfg.train.grad_accum)
+            with timed(timing, "time_rollout"):
+                batch = adapter.rollout(plain, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
+            rollouts.log(step, batch)
+            # Gradients sync across ranks on the last micro-batch only.
+            with accelerator.no_sync(student) if i < cfg.train.grad_accum - 1 else nullcontext():
+                views = Views(adapter, batch, student, teacher.model if teacher else None)
+                with timed(timing, "time_loss"):
+                    loss, metrics = method.loss(views, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss is {loss.item()} (metrics {metrics})")
+                with timed(timing, "time_backward"):
+                    accelerator.backward(loss / cfg.train.grad_accum)
+            for name, seconds in views.seconds.items():
+                timing[f"time_view_{name}"] = timing.get(f"time_view_{name}", 0.0) + seconds
+            timing["time_loss"] -= sum(views.seconds.values())  # the loss proper, without the views' forwards
             for k, v in metrics.items():
                 parts[k] = parts.get(k, 0.0) + v / cfg.train.grad_accum
             tokens += batch.num_tokens
@@ -135,47 +166,81 @@ def train(cfg: DictConfig) -> Path:
             step -= 1
             accelerator.print(f"data exhausted after {cfg.data.epochs} epoch(s); stopping at step {step}")
             break
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            teacher.update(student)
+        with timed(timing, "time_optimizer"):
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if teacher is not None:
+                teacher.update(plain)
 
         seconds = time.perf_counter() - t0
+        # Loss parts are averaged over ranks; tokens and lengths summed.
+        parts = dict(zip(parts, accelerator.reduce(torch.tensor(list(parts.values()), device=accelerator.device), "mean").tolist()))
+        tokens, n_seq, len_sum = accelerator.reduce(torch.tensor([tokens, len(lengths), sum(lengths)], device=accelerator.device), "sum").tolist()
         row = {
             **parts,
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "tokens": tokens,
+            "tokens": int(tokens),
             "tokens_per_s": tokens / seconds,
-            "rollout_len": sum(lengths) / len(lengths),
+            "rollout_len": len_sum / n_seq,
             "step_s": seconds,
+            **timing,
         }
         if hasattr(stream, "bad_samples"):
-            row["data_bad_samples"] = stream.bad_samples
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            row["data_bad_samples"] = int(accelerator.reduce(torch.tensor(stream.bad_samples, device=accelerator.device), "sum"))
+        if logger and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
             logger.log(step, row)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(run_dir, step, student=student, optimizer=optimizer, scheduler=scheduler,
-                            teacher=teacher, stream=stream, keep=cfg.train.keep_checkpoints)
+            save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     bar.close()
-    logger.close()
+    rollouts.close()
+    if logger:
+        logger.close()
 
     if step > start:
-        save_checkpoint(run_dir, step, student=student, optimizer=optimizer, scheduler=scheduler,
-                        teacher=teacher, stream=stream, keep=cfg.train.keep_checkpoints)
+        save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
-    student.save_pretrained(final)
-    proc.save_pretrained(final)
+    if accelerator.is_main_process:
+        plain.save_pretrained(final)
+        proc.save_pretrained(final)
+    summary["replica_checksums"] = gather_object([weights_checksum(plain)])
     if test:
-        summary["accuracy_after"] = accuracy(adapter, student, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        summary["accuracy_after"] = _evaluate(accelerator, adapter, plain, test, cfg)
         accelerator.print(f"held-out accuracy after:  {summary['accuracy_after']:.3f} ({len(test)} samples)")
     summary["steps"] = step
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.print(f"student saved to {final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return run_dir
+
+
+def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) -> float:
+    """Held-out accuracy on the main process (the replicas hold the same weights)."""
+    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)] if accelerator.is_main_process else [None]
+    return broadcast_object_list(result)[0]
+
+
+@contextmanager
+def timed(into: dict[str, float], key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[key] = into.get(key, 0.0) + time.perf_counter() - t0
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A digest of the weights: equal across ranks when data-parallel training keeps them in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,6 +1,7 @@
 """Lazy, cached view logits: a method reads only the views it names."""
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Iterator
 
@@ -26,6 +27,7 @@ class Views(Mapping):
     def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None):
         self.adapter, self.batch, self.student, self.teacher = adapter, batch, student, teacher
         self._cache: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in VIEW_SPEC:
@@ -35,7 +37,9 @@ class Views(Mapping):
             model = self.student if policy == "student" else self.teacher
             if model is None:
                 raise ValueError(f"view '{name}' needs a teacher, and this run has none")
+            t0 = time.perf_counter()
             self._cache[name] = self.adapter.logits(model, self.batch, level, grad=(name == "student"), policy=policy)
+            self.seconds[name] = time.perf_counter() - t0
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -254,6 +254,7 @@ def splice(content: Any, template: str, privileged: str) -> Any:
 def uses_model_positions(model: torch.nn.Module) -> bool:
     """Models with multimodal rotary positions (Qwen-VL) derive them from the ids, image grids
     and attention mask themselves; 1-D positions would be wrong for them."""
+    model = getattr(model, "module", model)  # under a DDP/FSDP wrapper
     inner = getattr(model, "model", None)
     return hasattr(model, "get_rope_index") or hasattr(inner, "get_rope_index")
 

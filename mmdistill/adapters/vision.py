@@ -13,6 +13,7 @@ for images is a subset of the boxes, or the boxes without labels (privileged.ima
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ class VisionAdapter(TextAdapter):
         for s in samples:
             sid = s.get("id", "?")
             new = dict(s)
+            if any(isinstance(x, (str, Path)) for x in s.get("images") or []):
+                new["image_paths"] = [str(x) for x in s["images"] if isinstance(x, (str, Path))]
             for key in ("images", "teacher_images"):
                 if s.get(key):
                     new[key] = [load_image(x, f"sample '{sid}' {key}[{i}]") for i, x in enumerate(s[key])]

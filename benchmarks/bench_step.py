@@ -1,0 +1,105 @@
+"""Where a training step's time goes, per method, on a small text and a small VLM setup.
+
+    python benchmarks/bench_step.py [--repeats 5] [--setups text vlm] [--methods opd dopd ar_opd ...]
+
+Every method scores the SAME rollouts (same prompts, same sampled responses), so the
+comparison isolates what a method adds: its extra view forwards and its loss. A step is
+rollout + the views' forwards + the loss + backward + optimizer; the rollout is timed once per
+repeat and added to every method's step. Prints the split (ms), tokens/s and each step's ratio
+to vanilla OPD. Issue 6's targets: DOPD <= 1.3x and AR-OPD <= 1.4x an OPD step.
+
+Setups: `text` = the shipped arithmetic student and teacher (configs/dopd.yaml: 32 prompts,
+32 new tokens); `vlm` = configs/tiny_vlm.yaml's composite student and teacher on scenes
+(16 prompts, 16 new tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from mmdistill.adapters import build_adapter
+from mmdistill.config import load_config, method_options
+from mmdistill.data import load_split
+from mmdistill.methods import build_method
+from mmdistill.models import load, max_positions
+from mmdistill.teachers import Teacher
+from mmdistill.views import Views
+
+SETUPS = {
+    "text": ("dopd", ["train.batch_size=32", "rollout.max_new_tokens=32"]),
+    "vlm": ("tiny_vlm", ["train.batch_size=16", "rollout.max_new_tokens=16", "data.scenes.image_size=64",
+                         "student.vision.tower.image_size=64", "student.vision.tower.kwargs.img_size=64",
+                         "teacher.model.vision.tower.image_size=64", "teacher.model.vision.tower.kwargs.img_size=64"]),
+}
+PARTS = ("rollout", "views", "loss", "backward", "optimizer")
+
+
+def bench(setup: str, methods: list[str], repeats: int) -> None:
+    name, overrides = SETUPS[setup]
+    cfg = load_config(name, overrides)
+    torch.manual_seed(0)
+    student, proc = load(cfg.student, seed=0)
+    teacher_model, t_proc = load(cfg.teacher.model, seed=1)
+    teacher = Teacher("model", student, teacher_model)
+    adapter = build_adapter(proc, cfg.privileged, max_positions(student), t_proc)
+    samples = load_split(cfg.data, "train")[: cfg.train.batch_size]
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
+
+    rows: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PARTS} for m in methods}
+    views_split: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    tokens = 0
+    for r in range(repeats + 1):  # the first round warms up
+        t0 = time.perf_counter()
+        batch = adapter.rollout(student, samples, cfg.rollout)
+        rollout_s = time.perf_counter() - t0
+        tokens = batch.num_tokens
+        for m in methods:
+            method = build_method(m, **method_options(load_config(name, [*overrides, f"method={m}"])))
+            views = Views(adapter, batch, student, teacher.model)
+            t0 = time.perf_counter()
+            loss, _ = method.loss(views, batch)
+            loss_s = time.perf_counter() - t0 - sum(views.seconds.values())
+            t0 = time.perf_counter()
+            loss.backward()
+            backward_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer_s = time.perf_counter() - t0
+            if r == 0:
+                continue
+            for part, v in zip(PARTS, (rollout_s, sum(views.seconds.values()), loss_s, backward_s, optimizer_s)):
+                rows[m][part].append(v)
+            for view, v in views.seconds.items():
+                views_split[m].setdefault(view, []).append(v)
+
+    print(f"\n== {setup}: config {name}, {len(samples)} prompts, {tokens} response tokens per step, {repeats} repeats (median ms)")
+    print(f"{'method':<8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'tok/s':>9}{'x opd':>7}  views (ms)")
+    base = None
+    for m in methods:
+        med = {p: statistics.median(rows[m][p]) for p in PARTS}
+        step = sum(med.values())
+        base = step if m == "opd" else base
+        ratio = f"{step / base:.2f}" if base else "-"
+        split = ", ".join(f"{v}={1000 * statistics.median(t):.0f}" for v, t in views_split[m].items())
+        print(f"{m:<8}" + "".join(f"{1000 * med[p]:>10.1f}" for p in PARTS) + f"{1000 * step:>10.1f}{tokens / step:>9.0f}{ratio:>7}  {split}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--methods", nargs="+", default=["opd", "full_opd", "dopd", "ar_opd", "gkd", "sft"])
+    args = ap.parse_args()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for setup in args.setups:
+        bench(setup, args.methods, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
