@@ -31,6 +31,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    target, run_dir = args.target, None
+    if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
+        run_dir, target = Path(target), str(Path(target) / "config.yaml")
+    try:
+        cfg = load_config(target, list(args.overrides))
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    from mmdistill.evaluate import run_eval
+    from mmdistill.report import eval_markdown
+
+    try:
+        result, out_dir = run_eval(cfg, run_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    print(eval_markdown(result))
+    print(f"results written to {out_dir}/{result['label']}.json and .md")
+    return 0
+
+
 def _selfcheck(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config or "tiny", list(args.overrides))
@@ -52,6 +76,20 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
     print(out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mmdistill.report import ReportError, report_markdown, write_text
+
+    try:
+        text = report_markdown(args.run_dirs, label=args.label)
+        if args.out:
+            write_text(args.out, text)
+    except ReportError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
     return 0
 
 
@@ -83,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("eval", help="score a student (or the teacher) on test splits: mmdistill eval CONFIG_OR_RUN_DIR",
+                       description="Evaluate a run's student (RUN_DIR) or a config's model on eval.splits (default: the "
+                                   "data's test split): accuracy with a 95% interval, pass@k, lengths, leakage. "
+                                   "eval.model=student_init|teacher|teacher_priv gives the reference rows.")
+    p.add_argument("target", help="a run directory (with config.yaml) or a config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.splits={ood: data/ood}")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("selfcheck", help="check each method: zero loss when teacher == student",
                        description="Runs every distillation method with a frozen copy of the student as teacher and "
                                    "empty privileged fields; each must give zero loss and zero gradient. "
@@ -103,6 +149,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="moving average over N logged points, raw curve faint behind (default: 1, none)")
     p.set_defaults(func=_plot)
 
+    p = sub.add_parser("report", help="compare runs' eval results: mmdistill report RUN_DIR [RUN_DIR ...]",
+                       description="One Markdown table of every run's eval/LABEL.json (rows: runs, seeds of one "
+                                   "experiment averaged; columns: splits and their average), with the teacher and the "
+                                   "untrained student (eval/teacher.json, eval/student_init.json of any run) as "
+                                   "reference rows and the gap recovered against them; then ACC/BWT/FWT of runs with "
+                                   "a continual.json. Prints the table.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory holding eval/LABEL.json")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
+    p.add_argument("--label", default="student", help="which eval result to compare (default: student)")
+    p.set_defaults(func=_report)
+
     sub.add_parser("data", help="build and inspect datasets (same as python -m data_tools)", add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -110,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         return _data(argparse.Namespace(rest=argv[1:]))
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
-    if unknown or (extra and args.command not in ("train", "selfcheck")):
+    if unknown or (extra and args.command not in ("train", "selfcheck", "eval")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:  # overrides given after --print-config
         args.overrides = [*args.overrides, *extra]

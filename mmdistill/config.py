@@ -239,6 +239,17 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """One continual-learning stage: its data (a filter and/or its own paths) and step budget."""
+
+    name: str = "stage"
+    steps: int = 100
+    select: Dict[str, Any] = field(default_factory=dict)  # data.select for this stage (train and test)
+    train_path: Optional[str] = None  # default: data.train_path
+    test_path: Optional[str] = None  # default: data.test_path
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/${method.name}-${now:}"
     max_steps: int = 50
@@ -254,13 +265,32 @@ class TrainConfig:
     mixed_precision: Optional[str] = None  # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag
     gradient_checkpointing: bool = False  # recompute the student's activations in backward
     sample_every: int = 50  # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
+    # Continual learning: stages trained in sequence from one student (train.max_steps is then their
+    # sum); after each, every stage's test split is scored, giving continual.json's R[i][j].
+    stages: List[StageConfig] = field(default_factory=list)
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 0  # held-out samples scored before and after training; 0 = skip
+    num_samples: int = 0  # held-out samples scored before and after training (and after each stage); 0 = skip
     batch_size: int = 32
     max_new_tokens: int = 48
+    # `mmdistill eval`: split name -> data path (shards, JSONL); empty = {"test": data.test_path}
+    splits: Dict[str, str] = field(default_factory=dict)
+    max_per_split: int = 0  # samples per split; 0 = all
+    model: str = "student"  # student | student_init (the config's student before training) | teacher | teacher_priv
+    label: Optional[str] = None  # result file name under the output dir; default = model
+    output_dir: Optional[str] = None  # default: RUN_DIR/eval (or train.output_dir/eval for a config)
+    checker: Optional[str] = None  # exact | numeric | choice | scenes | arith | reasoning_gym:<task>; null = each sample's own
+    extraction: str = "tag"  # tag | last_number | regex | boxed
+    tag: str = "Answer:"
+    pattern: Optional[str] = None  # extraction=regex: the answer is the pattern's first group in its last match
+    tolerance: float = 1.0e-6  # numeric checker: relative or absolute
+    samples: int = 1  # responses per prompt: accuracy is pass@1 over them, pass@k reported for k = 1, 2, 4 ... samples
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
 
 
 @dataclass
@@ -283,6 +313,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("arith", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.model": ("student", "student_init", "teacher", "teacher_priv"),
+    "eval.extraction": ("tag", "last_number", "regex", "boxed"),
     "student.vision.tower.source": ("timm", "open_clip"),
     "student.vision.projector": ("linear", "mlp"),
     "teacher.model.vision.tower.source": ("timm", "open_clip"),
@@ -361,6 +393,11 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "eval.num_samples": (0, float("inf"), True),
     "eval.batch_size": (0, float("inf"), False),
     "eval.max_new_tokens": (0, float("inf"), False),
+    "eval.max_per_split": (0, float("inf"), True),
+    "eval.samples": (0, float("inf"), False),
+    "eval.temperature": (0.0, float("inf"), True),
+    "eval.top_p": (0.0, 1.0, False),
+    "eval.tolerance": (0.0, float("inf"), True),
     "data.arith.digits": (0, 6, False),
     "data.arith.num_train": (0, float("inf"), False),
     "data.arith.num_test": (0, float("inf"), True),
@@ -496,6 +533,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{who}.vision.tower.name' builds a new composite; it cannot be combined with {who}.path")
         if model.vision.lm_path and not model.vision.tower.name:
             raise ConfigError(f"config key '{who}.vision.lm_path' needs {who}.vision.tower.name")
+    if cfg.eval.extraction == "regex" and not cfg.eval.pattern:
+        raise ConfigError("config key 'eval.pattern' must be set when eval.extraction=regex")
+    if cfg.eval.samples > 1 and cfg.eval.temperature == 0:
+        raise ConfigError("config key 'eval.samples' > 1 needs eval.temperature > 0 (greedy samples are identical)")
+    for i, stage in enumerate(cfg.train.stages):
+        if stage.steps <= 0:
+            raise ConfigError(f"config key 'train.stages.{i}.steps' is {stage.steps}; must be positive")
+    names = [stage.name for stage in cfg.train.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'train.stages' has repeated names {names}; each stage needs its own")
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
 

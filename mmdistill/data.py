@@ -107,3 +107,55 @@ class SampleStream:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._shuffle(self.epoch)
+
+
+def stages_of(cfg: DictConfig) -> list[tuple[str, int, DictConfig]]:
+    """(name, steps, data config) per stage: train.stages, or the whole run as one stage."""
+    from omegaconf import OmegaConf
+
+    if not cfg.train.stages:
+        return [("train", cfg.train.max_steps, cfg.data)]
+    out = []
+    for stage in cfg.train.stages:
+        data = OmegaConf.merge(cfg.data, {"select": {**cfg.data.select, **stage.select}})
+        for key in ("train_path", "test_path"):
+            if stage[key]:
+                data[key] = stage[key]
+        out.append((stage.name, stage.steps, data))
+    return out
+
+
+class StagedStream:
+    """The training batches of each stage in turn. Its position is the stage and that stage's
+    stream position, so a resumed continual run continues inside the right stage."""
+
+    def __init__(self, stages: list[tuple[str, int, DictConfig]], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.stages, self.batch_size, self.seed, self.rank, self.world_size = stages, batch_size, seed, rank, world_size
+        self.ends = [sum(steps for _, steps, _ in stages[: i + 1]) for i in range(len(stages))]
+        self.index = 0
+        self.stream = self._open(0)
+
+    def _open(self, i: int):
+        return train_stream(self.stages[i][2], self.batch_size, self.seed + i, self.rank, self.world_size)
+
+    def stage_of(self, step: int) -> int:
+        return next(i for i, end in enumerate(self.ends) if step <= end)
+
+    def enter(self, index: int) -> None:
+        if index != self.index:
+            self.index, self.stream = index, self._open(index)
+
+    def next(self) -> list[dict]:
+        return self.stream.next()
+
+    @property
+    def bad_samples(self) -> int:
+        return getattr(self.stream, "bad_samples", 0)
+
+    def state_dict(self) -> dict:
+        return {"stage": self.index, "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = int(state["stage"])
+        self.stream = self._open(self.index)
+        self.stream.load_state_dict(state["stream"])

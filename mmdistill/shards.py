@@ -33,12 +33,12 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from mmdistill import annotate
+from mmdistill.checkers import CHECKERS  # plus "reasoning_gym:<task>"
 
 SCHEMA = "mmdistill.sample"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mmdistill.shards"
-CHECKERS = ("exact", "numeric", "choice", "scenes", "arith")  # plus "reasoning_gym:<task>"
 TEXT_FIELDS = ("split", "domain", "task", "prompt", "system", "hint", "reasoning", "response")
 RESERVED = ("schema", "version", "num_images", "num_teacher_images")
 IMAGE_FIELDS = {"img": "images", "timg": "teacher_images"}

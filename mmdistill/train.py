@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -25,7 +26,7 @@ from transformers.utils import logging as hf_logging
 from mmdistill.adapters import build_adapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import method_options, save_config
-from mmdistill.data import load_split, train_stream
+from mmdistill.data import StagedStream, load_split, stages_of
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
@@ -103,12 +104,14 @@ def train(cfg: DictConfig) -> Path:
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
 
-    stream = train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    stages = stages_of(cfg)
+    stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    total = stream.ends[-1]
     test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
     optimizer = torch.optim.AdamW(
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * cfg.train.max_steps), cfg.train.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
     # The student is wrapped for gradient sync (DDP/FSDP); the frozen teacher never is: it stays
     # whole on every device, in eval mode. The scheduler steps once per optimizer step, by us.
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -126,13 +129,18 @@ def train(cfg: DictConfig) -> Path:
     if test and start == 0:
         summary["accuracy_before"] = _evaluate(accelerator, adapter, plain, test, cfg)
         accelerator.print(f"held-out accuracy before: {summary['accuracy_before']:.3f} ({len(test)} samples)")
+    continual = Continual(run_dir, stages, cfg, accelerator) if len(stages) > 1 else None
+    if continual and start == 0:
+        continual.baseline = continual.scores(adapter, plain)
+        continual.R = []
 
     logger = MetricsLogger(run_dir, start) if accelerator.is_main_process else None
     rollouts = RolloutLog(run_dir, accelerator.process_index, start, cfg.train.sample_every, adapter)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=f"train {cfg.method.name}",
+    bar = tqdm(total=total, initial=start, desc=f"train {cfg.method.name}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process))
     step = start
-    for step in range(start + 1, cfg.train.max_steps + 1):
+    for step in range(start + 1, total + 1):
+        stream.enter(stream.stage_of(step))
         t0 = time.perf_counter()
         parts: dict[str, float] = {}
         timing: dict[str, float] = {}
@@ -192,10 +200,12 @@ def train(cfg: DictConfig) -> Path:
         }
         if hasattr(stream, "bad_samples"):
             row["data_bad_samples"] = int(accelerator.reduce(torch.tensor(stream.bad_samples, device=accelerator.device), "sum"))
-        if logger and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+        if logger and (step % cfg.train.log_every == 0 or step == total):
             logger.log(step, row)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
+        if continual and step == stream.ends[stream.index]:  # a stage ends: score every stage's test split
+            continual.set_row(stream.index, continual.scores(adapter, plain))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     bar.close()
@@ -214,6 +224,8 @@ def train(cfg: DictConfig) -> Path:
         summary["accuracy_after"] = _evaluate(accelerator, adapter, plain, test, cfg)
         accelerator.print(f"held-out accuracy after:  {summary['accuracy_after']:.3f} ({len(test)} samples)")
     summary["steps"] = step
+    if continual:
+        summary["continual"] = continual.finish()
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.print(f"student saved to {final}")
@@ -244,3 +256,43 @@ def weights_checksum(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+class Continual:
+    """The continual-learning record: baseline[j] (before training) and R[i][j], the accuracy on
+    stage j's test split after training stage i, kept in continual.json as it grows so a resumed
+    run keeps the rows of the stages it finished."""
+
+    def __init__(self, run_dir: Path, stages, cfg: DictConfig, accelerator):
+        self.path, self.cfg, self.accelerator = run_dir / "continual.json", cfg, accelerator
+        n = cfg.eval.num_samples or None
+        self.names = [name for name, _, _ in stages]
+        self.tests = [load_split(data, "test")[:n] for _, _, data in stages]
+        for name, test in zip(self.names, self.tests):
+            if not test:
+                raise ValueError(f"continual stage '{name}' has no test samples (set its test_path or select)")
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.baseline, self.R = saved.get("baseline"), saved.get("R", [])
+
+    def scores(self, adapter, model) -> list[float]:
+        return [_evaluate(self.accelerator, adapter, model, test, self.cfg) for test in self.tests]
+
+    def set_row(self, stage: int, row: list[float]) -> None:
+        self.R = self.R[:stage] + [row]  # a stage re-run after a resume replaces its row
+        self._write()
+
+    def _write(self) -> None:
+        if self.accelerator.is_main_process:
+            data = {"stages": self.names, "baseline": self.baseline, "R": self.R}
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, self.path)
+
+    def finish(self) -> dict:
+        """ACC, BWT, FWT (report.continual_metrics), with continual.md and the heatmap."""
+        from mmdistill.report import continual_metrics, write_continual
+
+        data = {"stages": self.names, "baseline": self.baseline, "R": self.R}
+        if self.accelerator.is_main_process:
+            write_continual(data, self.path.parent)
+        return {**data, **continual_metrics(self.R, self.baseline)}

@@ -33,7 +33,7 @@ def test_help_lists_every_command_one_line_each():
             break
         block.append(line)
     # one entry per command, no wrapped continuation lines
-    assert [line.split()[0] for line in block] == ["train", "selfcheck", "plot", "data"], block
+    assert [line.split()[0] for line in block] == ["train", "eval", "selfcheck", "plot", "report", "data"], block
     for line in block:
         assert len(line.split()) > 1, f"no help text: {line!r}"
 

@@ -172,12 +172,15 @@ class TextAdapter:
     # -- responses -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, model: torch.nn.Module, samples: list[dict], cfg: Any) -> Batch:
-        """Sample from the student WITHOUT privileged information (KV-cached `generate`)."""
+    def rollout(self, model: torch.nn.Module, samples: list[dict], cfg: Any, level: str | None = None,
+                policy: str = "student") -> Batch:
+        """Sample from the student WITHOUT privileged information (KV-cached `generate`).
+
+        `level`/`policy` sample another view instead (evaluation's privileged-teacher row)."""
         samples = self.prepare([s for s in samples for _ in range(cfg.num_rollouts)])
         device = next(model.parameters()).device
-        prompts = self.encode(samples, None, "student", device)
-        self._check_fits(samples, prompts, cfg.max_new_tokens, "student")
+        prompts = self.encode(samples, level, policy, device)
+        self._check_fits(samples, prompts, cfg.max_new_tokens, policy if level is None else f"{policy} privileged")
         greedy = cfg.temperature == 0
         gen = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens,
