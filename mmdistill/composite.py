@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BatchFeature,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -455,4 +456,5 @@ class CompositeProcessor:
         directory = Path(directory)
         fields = json.loads((directory / PROCESSOR_FILE).read_text())
         fields.pop("processor", None)
-        return cls(AutoTokenizer.from_pretrained(directory), **fields)
+        # An empty config: the directory's config.json describes the composite, not a model transformers knows.
+        return cls(AutoTokenizer.from_pretrained(directory, config=PretrainedConfig()), **fields)

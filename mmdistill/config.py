@@ -108,6 +108,9 @@ class PrivilegedConfig:
     partial_field: str = "hint"  # a text field, or "boxes" (the partial view then keeps privileged.image.partial_boxes)
     partial_ratio: float = 0.5
     image: PrivilegedImageConfig = field(default_factory=PrivilegedImageConfig)
+    # Share of samples (chosen by a hash of their id) whose PLAIN prompt also carries p: a teacher's
+    # SFT recipe sets it so the teacher learns to read p. Leave it at 0 for distillation.
+    prompt_share: float = 0.0
 
 
 @dataclass
@@ -347,6 +350,7 @@ NULLABLE = {"train.mixed_precision"}  # null: left to accelerate (its config fil
 RANGES: dict[str, tuple[float, float, bool]] = {
     "teacher.ema_decay": (0.0, 1.0, True),
     "privileged.partial_ratio": (0.0, 1.0, True),
+    "privileged.prompt_share": (0.0, 1.0, True),
     "privileged.image.box_digits": (0, 6, True),
     "privileged.image.line_width": (0, float("inf"), False),
     "student.vision.tower.image_size": (0, float("inf"), False),

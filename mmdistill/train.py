@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> Path:
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
-    # The student is wrapped for gradient sync (DDP/FSDP); the frozen teacher never is: it stays
+    # The student is wrapped for gradient sync (DDP); the frozen teacher never is: it stays
     # whole on every device, in eval mode. The scheduler steps once per optimizer step, by us.
     student, optimizer = accelerator.prepare(student, optimizer)
     plain = accelerator.unwrap_model(student)  # generation, saving and the EMA read the bare model

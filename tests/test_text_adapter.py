@@ -290,3 +290,15 @@ def test_ar_opd_preset_views(tok):
     assert full == f"{s['prompt']}\nExample solution: {s['reasoning']}\nAnswer: {s['answer']}"
     assert part == f"{s['prompt']}\nExample solution: {cut_prefix(s['reasoning'], 0.5)}\nAnswer: {s['answer']}"
     assert len(cut_prefix(s["reasoning"], 0.5)) < len(s["reasoning"])
+
+
+def test_prompt_share_gives_a_fixed_share_of_plain_prompts_the_privileged_text(tok, cfg):
+    """For a teacher's SFT recipe: the same samples (by id) always carry p, about `share` of them."""
+    priv = OmegaConf.merge(cfg.privileged, {"prompt_share": 0.5})
+    ad, plain = TextAdapter(tok, priv, 128), TextAdapter(tok, cfg.privileged, 128)
+    samples = make_samples(200, 0, digits=2)
+    with_p = [ad.messages(s, None) == plain.messages(s, "full") for s in samples]
+    assert 0.4 < sum(with_p) / len(samples) < 0.6
+    assert all(ad.messages(s, None) == plain.messages(s, None) for s, w in zip(samples, with_p) if not w)
+    assert with_p == [ad.messages(s, None) == plain.messages(s, "full") for s in samples]  # deterministic
+    assert all(ad.messages(s, "full") == plain.messages(s, "full") for s in samples[:20])

@@ -6,6 +6,7 @@ re-tokenised with the prompt, so every view predicts exactly the tokens the stud
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -117,7 +118,17 @@ class TextAdapter:
         except KeyError as exc:
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field {exc} needed by privileged.text") from None
 
+    def view_level(self, sample: dict, level: str | None) -> str | None:
+        """privileged.prompt_share promotes a fixed share of samples' plain view to the full one."""
+        share = self.priv.get("prompt_share", 0.0)
+        if level is None and share > 0:
+            digest = hashlib.sha256(str(sample.get("id", "")).encode()).digest()
+            if int.from_bytes(digest[:4], "big") / 2**32 < share:
+                return "full"
+        return level
+
     def messages(self, sample: dict, level: str | None) -> list[dict]:
+        level = self.view_level(sample, level)
         if "messages" in sample:
             msgs = [dict(m) for m in sample["messages"]]
         else:

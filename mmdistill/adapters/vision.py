@@ -71,6 +71,7 @@ class VisionAdapter(TextAdapter):
         return fields
 
     def images(self, sample: dict, level: str | None) -> list[Image.Image]:
+        level = self.view_level(sample, level)
         student = sample.get("images") or []
         source = self.priv.image.source
         if level is None or source == "student":
