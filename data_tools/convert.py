@@ -27,7 +27,6 @@ only the converters that need them import them.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from mmdistill.shards import ShardError, ShardWriter, sample_key
+from mmdistill.tasks import SPLIT_BUCKETS, split_of_key
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_CHECKER = "exact"
@@ -47,7 +47,6 @@ SAMPLE_FIELDS = ("id", "prompt", "messages", "system", "hint", "reasoning", "ans
                  "images", "teacher_images", "task", "checker")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "bot": "assistant", "model": "assistant", "system": "system"}
-_SPLIT_BUCKETS = {"test": (0,), "val": (1,), "train": tuple(range(2, 10))}  # as mmdistill.tasks.scenes
 
 
 class ConvertError(ValueError):
@@ -663,11 +662,6 @@ def _jsonable(value):
     return str(value) if isinstance(value, Fraction) else repr(value)
 
 
-def _bucket_split(text: str) -> str:
-    bucket = int.from_bytes(hashlib.sha256(f"rg|{text}".encode()).digest()[:8], "big") % 10
-    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
-
-
 def _self_scores(ds, entry: dict) -> bool:
     """Whether the package rewards its own answer: a few entries it makes cannot be (base_conversion
     of 0 has an empty answer; gsm_symbolic's scorer misreads negative answers), so none is drawn."""
@@ -696,8 +690,8 @@ def reasoning_gym_records(task: str, n: int, seed: int = 0, split: str = "train"
                           stage: int = 0, bad: BadRecords | None = None, **config) -> Located:
     """(where, sample) pairs of :func:`from_reasoning_gym`; ``where`` names task, seed and index."""
     _check_stamp(split, domain, stage)
-    if split not in _SPLIT_BUCKETS:
-        raise ValueError(f"reasoning-gym split must be one of {sorted(_SPLIT_BUCKETS)}, got {split!r}")
+    if split not in SPLIT_BUCKETS:
+        raise ValueError(f"reasoning-gym split must be one of {sorted(SPLIT_BUCKETS)}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     bad = bad or BadRecords()
@@ -716,7 +710,7 @@ def reasoning_gym_records(task: str, n: int, seed: int = 0, split: str = "train"
                 return
             entry = ds[idx]
             question = entry["question"]
-            if _bucket_split(question) != split or question in seen or not _self_scores(ds, entry):
+            if split_of_key(f"rg|{question}") != split or question in seen or not _self_scores(ds, entry):
                 continue
             seen.add(question)
             where = f"reasoning_gym {task} seed {seed} entry {idx}"

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from mmdistill.adapters import VisionAdapter, build_adapter
-from mmdistill.adapters.text import TemplateError, positions, response_mask
+from mmdistill.adapters.text import TemplateError, response_mask
 from mmdistill.annotate import boxes_text, draw_boxes, partial_boxes
 from mmdistill.batch import Batch
 from mmdistill.composite import build_composite

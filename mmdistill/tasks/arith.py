@@ -30,34 +30,28 @@ problems are distinct; asking for more than a split's pool holds raises ``ValueE
 """
 from __future__ import annotations
 
-import hashlib
 import random
+
+from mmdistill.tasks import SPLIT_BUCKETS, bucket_of, keyed_rng, split_of_key
 
 DOMAIN = "arith"
 OPS = ("+", "-", "*")
-SPLIT_BUCKETS: dict[str, frozenset[int]] = {
-    "test": frozenset({0}),
-    "val": frozenset({1}),
-    "train": frozenset(range(2, 10)),
-}
-_N_BUCKETS = 10
 _COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
 _MAX_CONSECUTIVE_DUPLICATES = 20000
 
 
+def _problem_key(op: str, a: int, b: int) -> str:
+    x, y = (min(a, b), max(a, b)) if op in ("+", "*") else (a, b)
+    return f"arith|{op}|{x}|{y}"
+
+
 def problem_bucket(op: str, a: int, b: int) -> int:
     """Split bucket of a problem; independent of seed, so splits never share a problem."""
-    x, y = (min(a, b), max(a, b)) if op in ("+", "*") else (a, b)
-    h = hashlib.sha256(f"arith|{op}|{x}|{y}".encode()).digest()
-    return int.from_bytes(h[:8], "big") % _N_BUCKETS
+    return bucket_of(_problem_key(op, a, b))
 
 
 def split_of(op: str, a: int, b: int) -> str:
-    bucket = problem_bucket(op, a, b)
-    for name, buckets in SPLIT_BUCKETS.items():
-        if bucket in buckets:
-            return name
-    raise AssertionError(bucket)  # pragma: no cover
+    return split_of_key(_problem_key(op, a, b))
 
 
 def _digits_low_first(x: int, width: int) -> list[int]:
@@ -137,8 +131,7 @@ def make_sample(op: str, a: int, b: int, *, split: str, seed: int, index: int) -
 
 
 def _rng(seed: int, split: str, digits: int, ops: tuple[str, ...]) -> random.Random:
-    key = f"arith|seed={seed}|split={split}|digits={digits}|ops={''.join(ops)}"
-    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+    return keyed_rng(f"arith|seed={seed}|split={split}|digits={digits}|ops={''.join(ops)}")
 
 
 def make_samples(

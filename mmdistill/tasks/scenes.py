@@ -39,13 +39,13 @@ longer one. Knobs make out-of-distribution splits (``max_objects``, ``exclude_co
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
+from mmdistill.tasks import SPLIT_BUCKETS, bucket_of, keyed_rng, split_of_key
 from mmdistill.tasks.arith import extract_answer
 
 DOMAIN = "scenes"
@@ -61,12 +61,6 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
 BACKGROUND = (255, 255, 255)
-SPLIT_BUCKETS: dict[str, frozenset[int]] = {
-    "test": frozenset({0}),
-    "val": frozenset({1}),
-    "train": frozenset(range(2, 10)),
-}
-_N_BUCKETS = 10
 _P_ABSENT = 0.2  # share of count questions about a colour/shape that is not in the picture
 _PLACE_TRIES = 60
 _MAX_LAYOUT_FAILS = 50
@@ -97,19 +91,18 @@ def _gap(image_size: int) -> int:
     return max(1, image_size // 32)
 
 
+def _scene_key(image_size: int, boxes: list[dict]) -> str:
+    parts = sorted(f"{b['label']}@{','.join(str(int(v)) for v in b['box'])}" for b in boxes)
+    return f"scenes|{image_size}|{';'.join(parts)}"
+
+
 def scene_bucket(image_size: int, boxes: list[dict]) -> int:
     """Split bucket of a picture; depends only on what is drawn, so splits never share one."""
-    parts = sorted(f"{b['label']}@{','.join(str(int(v)) for v in b['box'])}" for b in boxes)
-    h = hashlib.sha256(f"scenes|{image_size}|{';'.join(parts)}".encode()).digest()
-    return int.from_bytes(h[:8], "big") % _N_BUCKETS
+    return bucket_of(_scene_key(image_size, boxes))
 
 
 def split_of(image_size: int, boxes: list[dict]) -> str:
-    bucket = scene_bucket(image_size, boxes)
-    for name, buckets in SPLIT_BUCKETS.items():
-        if bucket in buckets:
-            return name
-    raise AssertionError(bucket)  # pragma: no cover
+    return split_of_key(_scene_key(image_size, boxes))
 
 
 def render(boxes: list[dict], image_size: int) -> Image.Image:
@@ -259,7 +252,7 @@ def _rng(seed, split, image_size, min_objects, max_objects, question_types, colo
     key = (f"scenes|seed={seed}|split={split}|size={image_size}|objects={min_objects}-{max_objects}"
            f"|q={','.join(question_types)}|colors={','.join(colors)}|shapes={','.join(shapes)}"
            f"|exclude={fmt(exclude)}|only={'*' if only is None else fmt(only)}")
-    return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+    return keyed_rng(key)
 
 
 def make_samples(
