@@ -138,7 +138,7 @@ def train(cfg: DictConfig) -> Path:
     rollouts = RolloutLog(run_dir, accelerator.process_index, start, cfg.train.sample_every, adapter)
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method.name}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process))
-    step = start
+    step, saved = start, False
     for step in range(start + 1, total + 1):
         stream.enter(stream.stage_of(step))
         t0 = time.perf_counter()
@@ -198,22 +198,22 @@ def train(cfg: DictConfig) -> Path:
             "step_s": seconds,
             **timing,
         }
-        if hasattr(stream, "bad_samples"):
-            row["data_bad_samples"] = int(accelerator.reduce(torch.tensor(stream.bad_samples, device=accelerator.device), "sum"))
+        row["data_bad_samples"] = int(accelerator.reduce(torch.tensor(stream.bad_samples, device=accelerator.device), "sum"))
         if logger and (step % cfg.train.log_every == 0 or step == total):
             logger.log(step, row)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if continual and step == stream.ends[stream.index]:  # a stage ends: score every stage's test split
             continual.set_row(stream.index, continual.scores(adapter, plain))
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        saved = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0
+        if saved:
             save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     bar.close()
     rollouts.close()
     if logger:
         logger.close()
 
-    if step > start:
+    if step > start and not saved:  # the last step's checkpoint, unless the loop just wrote it
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
     if accelerator.is_main_process:
