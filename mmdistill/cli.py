@@ -9,14 +9,21 @@ from omegaconf import OmegaConf
 from mmdistill.config import DEFAULT_CONFIG, ConfigError, load_config
 
 
+def _config(path, overrides: list[str]):
+    """The resolved config, or None after printing its one-line error."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return None
+
+
 def _train(args: argparse.Namespace) -> int:
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # no CONFIG given, only overrides
         config, overrides = None, [config, *overrides]
-    try:
-        cfg = load_config(config or DEFAULT_CONFIG, overrides)
-    except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+    cfg = _config(config or DEFAULT_CONFIG, overrides)
+    if cfg is None:
         return 2
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
@@ -37,10 +44,8 @@ def _eval(args: argparse.Namespace) -> int:
     target, run_dir = args.target, None
     if Path(target).is_dir() and (Path(target) / "config.yaml").is_file():
         run_dir, target = Path(target), str(Path(target) / "config.yaml")
-    try:
-        cfg = load_config(target, list(args.overrides))
-    except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+    cfg = _config(target, list(args.overrides))
+    if cfg is None:
         return 2
     from mmdistill.evaluate import run_eval
     from mmdistill.report import eval_markdown
@@ -56,10 +61,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config or "tiny", list(args.overrides))
-    except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+    cfg = _config(args.config or "tiny", list(args.overrides))
+    if cfg is None:
         return 2
     from mmdistill.selfcheck import main as selfcheck_main
 

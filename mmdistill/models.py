@@ -17,10 +17,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mmdistill.composite import MODEL_TYPE as COMPOSITE_TYPE
+from mmdistill.composite import CompositeProcessor, CompositeVLM, build_composite
 from mmdistill.config import REPO_ROOT
 
 DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer"
-COMPOSITE_TYPE = "mmdistill_composite"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,8 +77,6 @@ def model_kind(path: str | Path) -> str:
 
 def load(cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     """The model and what renders its prompts: a tokenizer (text) or a processor (VLM)."""
-    from mmdistill.composite import CompositeProcessor, CompositeVLM, build_composite
-
     kind = model_kind(cfg.path) if cfg.path else ("composite" if cfg.vision.tower.name else "text")
     if kind == "text":
         tok = load_tokenizer(cfg)
