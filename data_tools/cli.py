@@ -230,14 +230,29 @@ def _cmd_reasoning_gym(args: argparse.Namespace) -> int:
     from data_tools.convert import REASONING_GYM_WITH_SOLUTIONS, convert_meta, reasoning_gym_records
 
     tasks = _names(args.tasks) or list(REASONING_GYM_WITH_SOLUTIONS)
+    config = _task_config(args.set)
 
     def records():
         for task in tasks:
             yield from reasoning_gym_records(task, args.n, args.seed, args.split, domain=args.domain,
-                                             stage=args.stage, bad=args.bad)
+                                             stage=args.stage, bad=args.bad, **config)
 
     return _write_converted(args, records, convert_meta("reasoning-gym", tasks=tasks, n=args.n, seed=args.seed,
-                                                        split=args.split, domain=args.domain, stage=args.stage))
+                                                        split=args.split, domain=args.domain, stage=args.stage,
+                                                        **({"config": config} if config else {})))
+
+
+def _task_config(items: list[str]) -> dict:
+    """--set KEY=VALUE pairs, each value read as a YAML scalar (3 -> int, 0.5 -> float, true -> bool)."""
+    import yaml
+
+    config = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"reasoning-gym: --set wants KEY=VALUE, got {item!r}")
+        config[key] = yaml.safe_load(value)
+    return config
 
 
 def _scenes_knobs(args: argparse.Namespace) -> dict:
@@ -336,6 +351,8 @@ def _add_convert_commands(sub) -> None:
     r.add_argument("--n", type=int, required=True, help="samples per task")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--domain", default="reasoning_gym", help="domain stamped on every sample (default reasoning_gym)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a field of the task's reasoning-gym config (repeatable), e.g. --set max_digits=1 --set max_terms=3")
     _convert_opts(r, split_choices=["train", "val", "test"])
     r.set_defaults(func=_cmd_reasoning_gym)
 

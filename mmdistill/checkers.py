@@ -269,8 +269,8 @@ def check(kind: str | None, predicted_text: str | None, sample: dict, *, extract
     answer after :func:`normalize`. ``numeric``: both are one number (:func:`parse_number`) and
     agree within ``tolerance``, absolute or relative. ``choice``: :func:`choice_correct`.
     ``arith``/``scenes``: the task's own ``is_correct`` (its "Answer:" extraction; the extraction
-    options do not apply). ``reasoning_gym:<task>``: the package's own score of the text against
-    the stored ``rg_entry`` is 1.0. Text that is None or empty is never correct.
+    options do not apply). ``reasoning_gym:<task>``: the package's own score of the extracted
+    answer (by default the text after the last "Answer:") against the stored ``rg_entry`` is 1.0. Text that is None or empty is never correct.
     """
     kind = _kind_of(kind, sample)
     if kind.startswith(REASONING_GYM_PREFIX):
@@ -278,6 +278,11 @@ def check(kind: str | None, predicted_text: str | None, sample: dict, *, extract
             return False
         from data_tools.convert import reasoning_gym_score
 
+        if (extraction, tag) != ("tag", "Answer:"):  # the package scores the text after "Answer:"
+            got = extract(predicted_text, extraction, tag=tag, pattern=pattern)
+            if got is None:
+                return False
+            predicted_text = f"Answer: {got}"
         return reasoning_gym_score(kind[len(REASONING_GYM_PREFIX):], predicted_text, sample) >= 1.0
     if "answer" not in sample:
         raise ValueError(f"sample {sample.get('id', '?')} has no 'answer' to check against")

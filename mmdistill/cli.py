@@ -86,7 +86,7 @@ def _report(args: argparse.Namespace) -> int:
     from mmdistill.report import ReportError, report_markdown, write_text
 
     try:
-        text = report_markdown(args.run_dirs, label=args.label)
+        text = report_markdown(args.run_dirs, label=args.label, refs_dir=args.refs)
         if args.out:
             write_text(args.out, text)
     except ReportError as exc:
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="score a student (or the teacher) on test splits: mmdistill eval CONFIG_OR_RUN_DIR",
                        description="Evaluate a run's student (RUN_DIR) or a config's model on eval.splits (default: the "
                                    "data's test split): accuracy with a 95% interval, pass@k, lengths, leakage. "
-                                   "eval.model=student_init|teacher|teacher_priv gives the reference rows.")
+                                   "eval.model=student_init|teacher|teacher_priv gives the reference rows; student_priv and "
+                                   "student_init_priv score the student reading the privileged context (DOPD's self-teacher).")
     p.add_argument("target", help="a run directory (with config.yaml) or a config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.splits={ood: data/ood}")
     p.set_defaults(func=_eval)
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory holding eval/LABEL.json")
     p.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
     p.add_argument("--label", default="student", help="which eval result to compare (default: student)")
+    p.add_argument("--refs", metavar="DIR", help="an eval output directory holding the reference rows (teacher.json, "
+                                                 "student_init.json, ...), searched before the runs' own eval/")
     p.set_defaults(func=_report)
 
     sub.add_parser("data", help="build and inspect datasets (same as python -m data_tools)", add_help=False)

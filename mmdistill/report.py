@@ -20,7 +20,8 @@ from pathlib import Path
 
 EVAL_DIR = "eval"
 CONTINUAL_FILE = "continual.json"
-REFERENCES = ("teacher", "teacher_priv", "student_init")  # labels looked up as reference rows
+# labels looked up as reference rows (the gap recovered is measured between teacher and student_init)
+REFERENCES = ("teacher", "teacher_priv", "student_init", "student_init_priv")
 MISSING = "-"
 # A run directory's trailing seed marker: runs differing only in it are seeds of one experiment.
 _SEED_SUFFIX = re.compile(r"^(?P<stem>.+?)[-_](?:seed|s)(?P<seed>\d+)$")
@@ -429,13 +430,15 @@ def _row_name(row: Row, where: str | None) -> str:
     return row.method + (f" ({', '.join(quals)})" if quals else "")
 
 
-def find_references(run_dirs: Sequence[Path]) -> dict[str, tuple[dict, Path]]:
-    """Reference label -> (result, file), from the first run that has it: all runs of one
-    comparison share the teacher and the untrained student, so one copy is enough."""
+def find_references(run_dirs: Sequence[Path], refs_dir: str | Path | None = None) -> dict[str, tuple[dict, Path]]:
+    """Reference label -> (result, file), from `refs_dir` (an eval output directory holding
+    LABEL.json) first, else the first run that has it: all runs of one comparison share the
+    teacher and the untrained student, so one copy is enough."""
     found: dict[str, tuple[dict, Path]] = {}
+    places = ([Path(refs_dir)] if refs_dir else []) + [d / EVAL_DIR for d in run_dirs]
     for label in REFERENCES:
-        for d in run_dirs:
-            path = d / EVAL_DIR / f"{label}.json"
+        for d in places:
+            path = d / f"{label}.json"
             if path.is_file():
                 found[label] = (read_eval(path), path)
                 break
@@ -445,7 +448,7 @@ def find_references(run_dirs: Sequence[Path]) -> dict[str, tuple[dict, Path]]:
 def gap_recovered(acc: float, teacher: float, init: float) -> float | None:
     """Share of the teacher's lead over the untrained student that training won back: 0 is no
     progress, 1 matches the teacher. None when the teacher has no lead to recover."""
-    if math.isclose(teacher, init, rel_tol=0.0, abs_tol=1e-12):
+    if teacher <= init or math.isclose(teacher, init, rel_tol=0.0, abs_tol=1e-12):
         return None
     return (acc - init) / (teacher - init)
 
@@ -558,10 +561,10 @@ def _dedupe(run_dirs: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def report_markdown(run_dirs: Sequence[str | Path], label: str = "student") -> str:
+def report_markdown(run_dirs: Sequence[str | Path], label: str = "student", refs_dir: str | Path | None = None) -> str:
     """Every run's `eval/<label>.json` in one table (rows: runs, columns: splits and their
-    average), the teacher and untrained student as reference rows and the gap recovered
-    against them, then continual-learning numbers for the runs that have them."""
+    average), the teacher and untrained student as reference rows (from `refs_dir` or the runs)
+    and the gap recovered against them, then continual-learning numbers for the runs that have them."""
     if not run_dirs:
         raise ReportError("no run directory given")
     dirs = _dedupe(run_dirs)
@@ -570,7 +573,9 @@ def report_markdown(run_dirs: Sequence[str | Path], label: str = "student") -> s
             raise ReportError(f"{d}: run directory not found")
     results = [read_eval(d / EVAL_DIR / f"{label}.json") for d in dirs]
     rows = group_runs(dirs, results)
-    refs = find_references(dirs)
+    if refs_dir is not None and not Path(refs_dir).is_dir():
+        raise ReportError(f"{refs_dir}: reference directory not found")
+    refs = find_references(dirs, refs_dir)
     columns = split_order({s for r in results for s in _splits_of(r)})
     table_rows = _accuracy_rows(rows, columns, refs)
     table = markdown_table(["run", *columns, "avg"], table_rows)
@@ -590,7 +595,7 @@ def _notes(rows: list[Row], refs: dict, table_rows: list[list[str]]) -> list[str
     notes = []
     if "teacher" in refs and "student_init" in refs:
         notes.append("In parentheses: gap recovered, (accuracy - student_init) / (teacher - student_init); "
-                     "n/a where the teacher and the untrained student score the same.")
+                     "n/a where the teacher does not score above the untrained student.")
     elif refs.keys() & {"teacher", "student_init"}:
         missing = "teacher" if "teacher" not in refs else "student_init"
         notes.append(f"No gap recovered: no run has eval/{missing}.json.")

@@ -233,6 +233,21 @@ def test_reasoning_gym_delegates_to_the_stored_entry():
     assert not check(None, None, s) and not check(None, "", s)
 
 
+def test_reasoning_gym_scores_the_configured_extraction():
+    """A model that never writes "Answer:" (SmolLM2 says "The answer is 6.") is scored on what
+    eval.extraction takes out, not on the whole sentence."""
+    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    from data_tools.convert import from_reasoning_gym
+
+    s = next(iter(from_reasoning_gym("chain_sum", 1, seed=0)))
+    said = f"The answer to this arithmetic problem is {s['answer']}."
+    assert not check(None, said, s)  # default: the text after "Answer:", and there is none
+    assert check(None, said, s, extraction="last_number")
+    assert not check(None, f"The answer is {int(s['answer']) + 1}.", s, extraction="last_number")
+    assert not check(None, "no number here", s, extraction="last_number")
+    assert check(None, f"Result => {s['answer']}", s, extraction="tag", tag="Result =>")
+
+
 # --- statistics -----------------------------------------------------------------------------
 
 

@@ -135,6 +135,15 @@ def test_asset_resolver():
     assert Path(cfg.student.tokenizer).is_dir()
 
 
+def test_package_resolver_finds_an_installed_package_offline():
+    import omegaconf
+
+    cfg = load_config(None, ["student.path=${package:omegaconf}"])
+    assert Path(cfg.student.path) == Path(omegaconf.__file__).parent
+    with pytest.raises(Exception, match="no installed package 'no_such_pkg_xyz'"):
+        load_config(None, ["student.path=${package:no_such_pkg_xyz}"])
+
+
 def test_now_resolver():
     cfg = load_config(None, ["train.output_dir=out/${now:}"])
     assert re.fullmatch(r"out/\d{8}-\d{6}", cfg.train.output_dir), cfg.train.output_dir

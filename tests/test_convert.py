@@ -217,6 +217,23 @@ def test_reasoning_gym_tasks_with_solutions(tmp_path):
         assert reasoning_gym_score(task, "Answer: 12345678", s) < 1.0
 
 
+def test_reasoning_gym_task_config_from_the_command_line(tmp_path, capsys):
+    """--set KEY=VALUE reaches the task's reasoning-gym config (here: one-digit, two-term sums)."""
+    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    out = tmp_path / "easy"
+    args = ["reasoning-gym", "--tasks", "chain_sum", "--n", "8", "--out", str(out)]
+    assert main([*args, "--set", "min_digits=1", "--set", "max_digits=1", "--set", "min_terms=2",
+                 "--set", "max_terms=2"]) == 0
+    for s in read_back(out):
+        expr = s["prompt"].rsplit(":", 1)[1].strip().rstrip("=").strip()
+        numbers = expr.replace("+", " ").replace("-", " ").split()
+        assert len(numbers) == 2 and all(len(n) == 1 for n in numbers), s["prompt"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["meta"]["config"] == {"min_digits": 1, "max_digits": 1, "min_terms": 2, "max_terms": 2}
+    with pytest.raises(SystemExit, match="--set wants KEY=VALUE, got 'max_digits'"):
+        main([*args[:-1], str(tmp_path / "bad"), "--set", "max_digits"])
+
+
 def test_reasoning_gym_splits_and_other_tasks():
     pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     train = {s["prompt"] for s in from_reasoning_gym("chain_sum", 60, seed=0, split="train")}

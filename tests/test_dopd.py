@@ -9,7 +9,7 @@ import torch
 
 from mmdistill.batch import Batch
 from mmdistill.divergences import reverse_kl
-from mmdistill.methods.dopd import DOPD, HS, HT, LH, LL, route, trimmed_mean
+from mmdistill.methods.dopd import DOPD, HS, HT, LH, LL, route, shuffle_regimes, trimmed_mean
 
 B, N, V = 3, 6, 8
 MASK = torch.tensor(
@@ -83,15 +83,18 @@ def ref_reduce(per_token, mask, reduction):
     return sum(seq) / len(seq)
 
 
-def ref_loss(zs, zp, zt, ids, mask, k, topk_from="student", weights=(1.0, 0.6, 0.3), reduction="seq", trim=0.05):
-    """(loss, grad w.r.t. student logits, regimes, per-regime contributions), all float64 loops."""
+def ref_loss(zs, zp, zt, ids, mask, k, topk_from="student", weights=(1.0, 0.6, 0.3), reduction="seq", trim=0.05,
+             regimes=None):
+    """(loss, grad w.r.t. student logits, regimes, per-regime contributions), all float64 loops.
+    `regimes` (nested lists) replaces the routing, for the shuffled ablation."""
     w_ht, beta_l, beta_w = weights
     s64 = zs.double().requires_grad_(True)
     ls = torch.log_softmax(s64, -1)
     lp, lt = torch.log_softmax(zp.double(), -1), torch.log_softmax(zt.double(), -1)
     lqs = torch.tensor([[lp[b, n, ids[b, n]].item() for n in range(mask.shape[1])] for b in range(mask.shape[0])])
     lqt = torch.tensor([[lt[b, n, ids[b, n]].item() for n in range(mask.shape[1])] for b in range(mask.shape[0])])
-    regimes, _ = ref_route(lqs, lqt, mask, trim)
+    if regimes is None:
+        regimes, _ = ref_route(lqs, lqt, mask, trim)
     per = {r: [[ls.new_zeros(()) for _ in range(mask.shape[1])] for _ in range(mask.shape[0])] for r in range(4)}
     for b in range(mask.shape[0]):
         for n in range(mask.shape[1]):
@@ -471,6 +474,36 @@ def test_all_tokens_in_one_regime_through_the_loss():
 # ---------------------------------------------------------------- protocol and options
 
 
+def test_shuffle_regimes_keeps_every_share_and_the_padding():
+    regime = torch.tensor([[HT, LH, LH, HS, -1], [LL, LL, HS, -1, -1]])
+    seen = set()
+    for seed in range(20):
+        out = shuffle_regimes(regime, torch.Generator().manual_seed(seed))
+        assert (out[regime < 0] == -1).all() and (out[regime >= 0] >= 0).all()
+        assert sorted(out[regime >= 0].tolist()) == sorted(regime[regime >= 0].tolist())
+        seen.add(tuple(out.flatten().tolist()))
+    assert len(seen) > 10  # it really moves labels around
+    assert (shuffle_regimes(torch.full((2, 3), -1)) == -1).all()  # empty mask: nothing to deal
+
+
+def test_shuffled_routing_loss_equals_reference_with_the_same_draw():
+    zs, zp, zt, ids = make_case(ALL_REGIMES)
+    torch.manual_seed(123)
+    loss, metrics, s, *_ = run(DOPD(topk=3, routing="shuffled"), zs, zp, zt, ids)
+    # the reference: the paper's routing, then the same permutation drawn from the same RNG state
+    lp, lt = torch.log_softmax(zp, -1), torch.log_softmax(zt, -1)
+    regime, _ = route(lp.gather(-1, ids[..., None])[..., 0], lt.gather(-1, ids[..., None])[..., 0], MASK)
+    torch.manual_seed(123)
+    dealt = shuffle_regimes(regime)
+    assert not torch.equal(dealt, regime)
+    ref, ref_grad, _, parts = ref_loss(zs, zp, zt, ids, MASK, 3, regimes=dealt.tolist())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(s.grad.double(), ref_grad, atol=1e-6, rtol=1e-4)
+    _, paper, *_ = run(DOPD(topk=3), zs, zp, zt, ids)
+    assert all(metrics[f"share_{n}"] == paper[f"share_{n}"] for n in NAMES)  # shares are the routing's
+    assert metrics["loss"] != pytest.approx(paper["loss"], rel=1e-3)
+
+
 def test_protocol_fields_and_defaults():
     m = DOPD()
     assert (m.name, m.on_policy, m.views) == ("dopd", True, ("student", "student_priv", "teacher_full"))
@@ -496,6 +529,7 @@ def test_protocol_fields_and_defaults():
         ({"w_ht": True}, "w_ht"),
         ({"regimes": ("ht", "xx")}, "regimes"),
         ({"regimes": ("ht", "ht")}, "regimes"),
+        ({"routing": "random"}, "routing"),
     ],
 )
 def test_options_are_validated(kwargs, key):

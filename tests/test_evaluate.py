@@ -111,9 +111,16 @@ def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path)
     assert result["role"] == "student" and set(result["splits"]) == {"test", "ood"}
     assert result["model_path"] == str(run / "student") and result["splits"]["ood"]["n"] == 6
     assert (run / "eval" / "student.md").is_file() and "ood" in r.stdout
-    r = mmdistill("eval", str(run), "eval.model=teacher_priv", "eval.max_per_split=3")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((run / "eval" / "teacher_priv.json").read_text())["role"] == "teacher_priv"
+    examples = result["splits"]["test"]["examples"]
+    assert len(examples) == 5 and all(set(e) == {"id", "answer", "response", "correct"} for e in examples)
+    assert sum(e["correct"] for e in examples) <= result["splits"]["test"]["correct"]
+    for role in ("teacher_priv", "student_priv"):
+        r = mmdistill("eval", str(run), f"eval.model={role}", "eval.max_per_split=3")
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = json.loads((run / "eval" / f"{role}.json").read_text())
+        assert got["role"] == role
+    # student_priv is the trained student reading p: same weights as "student", another prompt
+    assert got["model_path"] == str(run / "student")
 
 
 def test_two_stage_continual_run_gives_a_2x2_matrix(tmp_path):

@@ -220,6 +220,29 @@ def test_report_gap_is_na_when_teacher_equals_untrained_student(tmp_path, capsys
     cells = table_row(capsys.readouterr().out, "dopd")
     assert cells[1] == "60.0 (n/a)"
     assert cells[2] == "60.0 (50%)"
+    # a teacher below the untrained student has no lead to recover: n/a, not a negative share
+    eval_file(run, "teacher", {"test": 0.4, "ood": 0.8})
+    assert main(["report", str(run)]) == 0
+    assert table_row(capsys.readouterr().out, "dopd")[1] == "60.0 (n/a)"
+
+
+def test_report_takes_references_from_refs_dir_first(tmp_path, capsys):
+    """The benchmark keeps its reference rows in one eval directory, outside every run."""
+    run = tmp_path / "run"
+    eval_file(run, "student", {"test": 0.7})
+    eval_file(run, "teacher", {"test": 0.2})  # a run's own copy loses to the refs directory
+    refs = tmp_path / "refs"
+    for label, acc in (("teacher", 0.9), ("student_init", 0.5), ("student_init_priv", 0.6)):
+        eval_file(tmp_path / "r", label, {"test": acc})
+    (tmp_path / "r" / "eval").rename(refs)
+    assert main(["report", str(run), "--refs", str(refs)]) == 0
+    text = capsys.readouterr().out
+    assert table_row(text, "dopd") == ["dopd", "70.0 (50%)", "70.0 (50%)"]  # (70 - 50) / (90 - 50)
+    assert table_row(text, "teacher (ref)") == ["teacher (ref)", "90.0", "90.0"]
+    assert table_row(text, "student_init_priv (ref)") == ["student_init_priv (ref)", "60.0", "60.0"]
+    assert f"teacher (ref): from {refs / 'teacher.json'}" in text
+    assert main(["report", str(run), "--refs", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: reference directory not found" in capsys.readouterr().err
 
 
 def test_report_without_references_shows_plain_accuracy(tmp_path):

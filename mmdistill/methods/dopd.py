@@ -54,6 +54,7 @@ from mmdistill.methods.base import (
 HT, LH, HS, LL = 0, 1, 2, 3
 REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
+ROUTINGS = ("advantage", "shuffled")
 # Kinds of term, in the order of the per-token weight extras [B, N, 3]:
 # JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
 TERMS = ("js_teacher", "topk_teacher", "topk_self")
@@ -138,6 +139,17 @@ def route(
     return regime, stats
 
 
+def shuffle_regimes(regime: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same regime labels dealt to the batch's response tokens (regime >= 0) in a random order:
+    each regime keeps its share, no token keeps its reason. The ablation that asks whether the
+    advantage routing, rather than the mix of terms, is what helps (or hurts)."""
+    flat = regime.reshape(-1).clone()
+    where = (flat >= 0).nonzero().squeeze(-1)
+    order = torch.randperm(where.numel(), generator=generator, device="cpu").to(flat.device)
+    flat[where] = flat[where][order]
+    return flat.reshape(regime.shape)
+
+
 def _weight(key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
@@ -181,6 +193,7 @@ class DOPD:
         chunk_size: int | None = None,
         w_ht: float = 1.0,
         regimes=REGIMES,
+        routing: str = "advantage",
     ):
         self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
@@ -190,6 +203,7 @@ class DOPD:
         self.threshold = choice("threshold", threshold, THRESHOLDS)
         self.reduction = check_reduction(reduction)
         self.regimes = _regimes(regimes)
+        self.routing = choice("routing", routing, ROUTINGS)
         self.chunk_size = check_chunk_size(chunk_size)
 
     # ------------------------------------------------------------ per-regime weights
@@ -254,6 +268,8 @@ class DOPD:
         # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
         first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
         regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold)
+        if self.routing == "shuffled":
+            regime = shuffle_regimes(regime)
         w = self.regime_weights(regime)
 
         # The loss: one chunked pass, each token computing its own regime's term only. Tokens whose
