@@ -18,8 +18,9 @@ on chain_sum (in distribution) and leg_counting (out of distribution).
 
 Everything runs through the `mmdistill` CLI, one process per job, so each run directory holds its
 resolved config, metrics and eval. A job whose output exists is skipped: rerun the command after
-an interruption and it goes on. Results: OUT/results.md (tables), OUT/times.json (wall time per
-job). PROTOCOL below was fixed before the first run; changing it makes a different benchmark.
+an interruption and it goes on. Results: OUT/results.md (every track's tables, also in
+OUT/results_vlm.md and results_text.md), OUT/times.json (wall time per job). PROTOCOL below was
+fixed before the first run; changing it makes a different benchmark.
 """
 from __future__ import annotations
 
@@ -31,19 +32,21 @@ import sys
 import time
 from pathlib import Path
 
+METHODS = ("sft", "opd", "full_opd", "partial_opd", "ar_opd", "dopd")
 PROTOCOL = {
     "full": {
         "vlm": {"seeds": [0, 1, 2], "steps": 300, "teacher_steps": 1500, "init_steps": 200, "cl_steps": 100,
                 "n_train": 20000, "n_test": 200, "n_ood": 200, "n_cl_train": 4000, "n_cl_test": 100, "eval_n": 200},
-        "text": {"seeds": [0, 1], "steps": 30, "n_train": 1000, "n_test": 100, "eval_n": 100, "tokens": 48, "ema": True},
+        "text": {"seeds": [0, 1], "steps": 30, "n_train": 1000, "n_test": 100, "eval_n": 100, "tokens": 48, "ema": True,
+                 "methods": list(METHODS)},
     },
     "quick": {
         "vlm": {"seeds": [0], "steps": 10, "teacher_steps": 40, "init_steps": 20, "cl_steps": 4,
                 "n_train": 400, "n_test": 40, "n_ood": 40, "n_cl_train": 100, "n_cl_test": 20, "eval_n": 40},
-        "text": {"seeds": [0], "steps": 2, "n_train": 40, "n_test": 8, "eval_n": 8, "tokens": 16, "ema": False},
+        "text": {"seeds": [0], "steps": 2, "n_train": 40, "n_test": 8, "eval_n": 8, "tokens": 16, "ema": False,
+                 "methods": list(METHODS)},
     },
 }
-METHODS = ("sft", "opd", "full_opd", "partial_opd", "ar_opd", "dopd")
 CONTINUAL_METHODS = ("opd", "dopd")
 EMA_METHODS = ("full_opd", "ar_opd")  # text track: also run with an EMA self-teacher
 CL_STAGES = ("count", "attribute", "spatial")
@@ -146,7 +149,7 @@ def text_track(b: Bench, p: dict) -> list[str]:
             "mmdistill", "eval", "configs/smollm2_rg.yaml", f"eval.model={role}", f"eval.label={label}",
             f"eval.output_dir={refs}", *shards, *evals])
     runs = []
-    jobs = [(m, "frozen_student") for m in METHODS] + [(m, "ema") for m in EMA_METHODS if p["ema"]]
+    jobs = [(m, "frozen_student") for m in p["methods"]] + [(m, "ema") for m in EMA_METHODS if p["ema"]]
     for method, teacher in jobs:
         for seed in p["seeds"]:
             tag = "" if teacher == "frozen_student" else "-ema"
@@ -172,18 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke-sized run of every job (about 10 minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="output folder (default bench_runs/miniature[-quick])")
     ap.add_argument("--tracks", nargs="+", default=["vlm", "text"], choices=["vlm", "text"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="only these of the protocol's seeds (a later run without --seeds adds the rest)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    protocol = {track: dict(p, seeds=[s for s in p["seeds"] if args.seeds is None or s in args.seeds])
+                for track, p in PROTOCOL[mode].items()}
     out = Path(args.out or f"bench_runs/miniature{'-quick' if args.quick else ''}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps({"mode": mode, **PROTOCOL[mode]}, indent=2) + "\n")
     b = Bench(out)
     t0 = time.perf_counter()
-    parts: list[str] = []
-    for track in args.tracks:
-        parts += (vlm_track if track == "vlm" else text_track)(b, PROTOCOL[mode][track])
+    for track in args.tracks:  # each track's tables in their own file, so running one keeps the other's
+        tables = (vlm_track if track == "vlm" else text_track)(b, protocol[track])
+        (out / f"results_{track}.md").write_text("\n".join(tables))
+    parts = [(out / f"results_{t}.md").read_text() for t in ("vlm", "text") if (out / f"results_{t}.md").exists()]
     wall = ", ".join(f"{k}: {v:.0f} s" for k, v in sorted(b.times.items()) if not k.endswith("/eval"))
-    parts += ["# Wall time per job (this invocation's jobs; skipped jobs keep their earlier time)", "", wall, ""]
+    parts += ["# Wall time per training job (the last time each ran)", "", wall, ""]
     (out / "results.md").write_text("\n".join(parts))
     print("\n".join(parts))
     print(f"total {time.perf_counter() - t0:.0f} s; results in {out / 'results.md'}")

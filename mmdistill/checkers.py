@@ -270,7 +270,8 @@ def check(kind: str | None, predicted_text: str | None, sample: dict, *, extract
     agree within ``tolerance``, absolute or relative. ``choice``: :func:`choice_correct`.
     ``arith``/``scenes``: the task's own ``is_correct`` (its "Answer:" extraction; the extraction
     options do not apply). ``reasoning_gym:<task>``: the package's own score of the extracted
-    answer (by default the text after the last "Answer:") against the stored ``rg_entry`` is 1.0. Text that is None or empty is never correct.
+    answer (by default the text after the last "Answer:") against the stored ``rg_entry`` is
+    1.0. Text that is None or empty is never correct.
     """
     kind = _kind_of(kind, sample)
     if kind.startswith(REASONING_GYM_PREFIX):
