@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -157,8 +156,7 @@ def text_track(b: Bench, p: dict) -> list[str]:
             b.job(f"text/{run.name}", run / "summary.json", [
                 "mmdistill", "train", "smollm2_rg", f"method.name={method}", f"teacher.mode={teacher}",
                 f"train.seed={seed}", f"train.max_steps={p['steps']}", f"train.output_dir={run}", "eval.num_samples=0",
-                *shards])
-            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 1.6 GB each; the run is done, its student saved
+                "train.keep_checkpoints=0", *shards])  # a SmolLM2 checkpoint is 1.6 GB; the student is what is scored
             b.job(f"text/{run.name}/eval", run / "eval" / "student.json", ["mmdistill", "eval", str(run), *evals])
             runs.append(run)
     return _tables("Text track (SmolLM2-135M-Instruct, reasoning-gym)", runs, refs)

@@ -69,7 +69,7 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

@@ -262,7 +262,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0 = write none (the final student is still saved; the run cannot be resumed)
     resume: str = "none"  # none | auto | a checkpoint directory
     max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
     progress: bool = True
@@ -393,7 +393,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "train.max_steps": (0, float("inf"), False),
     "train.batch_size": (0, float("inf"), False),
     "train.grad_accum": (0, float("inf"), False),
-    "train.keep_checkpoints": (0, float("inf"), False),
+    "train.keep_checkpoints": (0, float("inf"), True),
     "train.log_every": (0, float("inf"), False),
     "train.checkpoint_every": (0, float("inf"), True),
     "train.max_length": (0, float("inf"), True),
@@ -562,6 +562,8 @@ def validate(cfg: DictConfig) -> None:
     names = [stage.name for stage in cfg.train.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'train.stages' has repeated names {names}; each stage needs its own")
+    if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
+        raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 (0 writes no checkpoints)")
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
 

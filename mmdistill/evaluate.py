@@ -35,10 +35,11 @@ def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_t
     """(texts, token lengths), k per sample in sample order."""
     settings = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_rollouts=k)
     texts, lengths = [], []
-    for i in range(0, len(samples), batch_size):
-        batch = adapter.rollout(model, samples[i : i + batch_size], settings, level=level, policy=policy)
-        texts += adapter.tok.batch_decode(batch.response_ids, skip_special_tokens=True)
-        lengths += batch.response_mask.sum(1).tolist()
+    with adapter.deployed():
+        for i in range(0, len(samples), batch_size):
+            batch = adapter.rollout(model, samples[i : i + batch_size], settings, level=level, policy=policy)
+            texts += adapter.tok.batch_decode(batch.response_ids, skip_special_tokens=True)
+            lengths += batch.response_mask.sum(1).tolist()
     return texts, lengths
 
 

@@ -213,7 +213,7 @@ def train(cfg: DictConfig) -> Path:
     if logger:
         logger.close()
 
-    if step > start and not saved:  # the last step's checkpoint, unless the loop just wrote it
+    if step > start and not saved and cfg.train.keep_checkpoints:  # the last step's checkpoint, unless just written
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
     if accelerator.is_main_process:

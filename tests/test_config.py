@@ -322,3 +322,10 @@ def _leaves(d, prefix=""):
             yield from _leaves(v, key + ".")
         else:
             yield key, v
+
+
+def test_no_checkpoints_cannot_be_asked_to_checkpoint():
+    msg = config_error(None, ["train.keep_checkpoints=0", "train.checkpoint_every=5"])
+    assert "'train.checkpoint_every'" in msg and "keep_checkpoints" in msg
+    load_config(None, ["train.keep_checkpoints=0"])
+    load_config(None, ["train.keep_checkpoints=1", "train.checkpoint_every=5"])

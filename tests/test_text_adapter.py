@@ -302,3 +302,20 @@ def test_prompt_share_gives_a_fixed_share_of_plain_prompts_the_privileged_text(t
     assert all(ad.messages(s, None) == plain.messages(s, None) for s, w in zip(samples, with_p) if not w)
     assert with_p == [ad.messages(s, None) == plain.messages(s, "full") for s in samples]  # deterministic
     assert all(ad.messages(s, "full") == plain.messages(s, "full") for s in samples[:20])
+
+
+def test_evaluation_scores_the_deployed_student_whatever_the_prompt_share(tok, cfg, model, samples):
+    """An SFT recipe's prompt_share puts p into plain prompts for training only: the before/after
+    accuracy and `mmdistill eval` must read the prompts the deployed student gets."""
+    from mmdistill.evaluate import responses
+
+    ad = TextAdapter(tok, OmegaConf.merge(cfg.privileged, {"prompt_share": 1.0}), 128)
+    plain = TextAdapter(tok, cfg.privileged, 128)
+    seen, build = [], ad.prompt_texts
+    ad.prompt_texts = lambda s, level, policy="student": seen.extend(build(s, level, policy)) or build(s, level, policy)
+    responses(ad, model, samples, batch_size=4, max_new_tokens=2)
+    assert seen and seen == plain.prompt_texts(samples, None)
+    assert build(samples, None) == plain.prompt_texts(samples, "full") != plain.prompt_texts(samples, None)  # restored
+    seen.clear()
+    responses(ad, model, samples, batch_size=4, max_new_tokens=2, level="full")
+    assert set(plain.prompt_texts(samples, "full")) <= set(seen)  # the privileged views keep p

@@ -41,6 +41,13 @@ def test_lr_schedule_is_warmup_then_cosine(tmp_path):
         assert r["tokens_per_s"] > 0 and r["rollout_len"] > 0 and math.isfinite(r["grad_norm"])
 
 
+def test_keep_checkpoints_zero_writes_only_the_student(tmp_path):
+    """A benchmark's many runs need no training state (1.6 GB each for SmolLM2)."""
+    run(tmp_path, "none", "method=sft", "train.max_steps=2", "train.keep_checkpoints=0")
+    assert not (tmp_path / "none" / "checkpoints").exists() and (tmp_path / "none" / "summary.json").exists()
+    run(tmp_path, "one", "method=sft", "train.max_steps=2")
+    assert [p.name for p in (tmp_path / "one" / "checkpoints").iterdir()] == ["step_00000002"]
+
 
 def test_on_policy_draw_follows_the_methods_fraction():
     import random

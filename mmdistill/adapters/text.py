@@ -6,6 +6,7 @@ re-tokenised with the prompt, so every view predicts exactly the tokens the stud
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class TextAdapter:
         self.procs = {"student": tokenizer, "teacher": tokenizer if teacher is None else teacher}
         self.tok = getattr(tokenizer, "tokenizer", tokenizer)
         self.priv = privileged
+        self.prompt_share = float(privileged.get("prompt_share", 0.0) or 0.0)
         self.max_length = max_length
         self.vocab_size = len(self.tok)
         self.pad_id = self.tok.pad_token_id
@@ -120,12 +122,21 @@ class TextAdapter:
 
     def view_level(self, sample: dict, level: str | None) -> str | None:
         """privileged.prompt_share promotes a fixed share of samples' plain view to the full one."""
-        share = self.priv.get("prompt_share", 0.0)
-        if level is None and share > 0:
+        if level is None and self.prompt_share > 0:
             digest = hashlib.sha256(str(sample.get("id", "")).encode()).digest()
-            if int.from_bytes(digest[:4], "big") / 2**32 < share:
+            if int.from_bytes(digest[:4], "big") / 2**32 < self.prompt_share:
                 return "full"
         return level
+
+    @contextlib.contextmanager
+    def deployed(self):
+        """Scores the student as deployed: prompt_share teaches an SFT student to read p, but
+        no plain prompt at evaluation may carry it."""
+        share, self.prompt_share = self.prompt_share, 0.0
+        try:
+            yield self
+        finally:
+            self.prompt_share = share
 
     def messages(self, sample: dict, level: str | None) -> list[dict]:
         level = self.view_level(sample, level)
