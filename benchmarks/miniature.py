@@ -170,7 +170,7 @@ def _tables(title: str, runs: list[Path], refs: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a smoke-sized run of every job (about 10 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="a smoke-sized run of every job (about 7 minutes on 2 cores)")
     ap.add_argument("--out", default=None, help="output folder (default bench_runs/miniature[-quick])")
     ap.add_argument("--tracks", nargs="+", default=["vlm", "text"], choices=["vlm", "text"])
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
