@@ -1,6 +1,6 @@
 """Where a training step's time goes, per method, on a small text and a small VLM setup.
 
-    python benchmarks/bench_step.py [--repeats 5] [--setups text vlm] [--methods opd dopd ar_opd ...]
+    python benchmarks/bench_step.py [--repeats 5] [--setups text vlm] [--methods opd dopd ar_opd ...] [--rollouts K] [--no-share-prefix]
 
 Every method scores the SAME rollouts (same prompts, same sampled responses), so the
 comparison isolates what a method adds: its extra view forwards and its loss. A step is
@@ -38,15 +38,16 @@ SETUPS = {
 PARTS = ("rollout", "views", "loss", "backward", "optimizer")
 
 
-def bench(setup: str, methods: list[str], repeats: int) -> None:
+def bench(setup: str, methods: list[str], repeats: int, share_prefix: bool, rollouts: int) -> None:
     name, overrides = SETUPS[setup]
+    overrides = [*overrides, f"rollout.num_rollouts={rollouts}"]
     cfg = load_config(name, overrides)
     torch.manual_seed(0)
     student, proc = load(cfg.student, seed=0)
     teacher_model, t_proc = load(cfg.teacher.model, seed=1)
     teacher = Teacher("model", student, teacher_model)
     adapter = build_adapter(proc, cfg.privileged, max_positions(student), t_proc)
-    samples = load_split(cfg.data, "train")[: cfg.train.batch_size]
+    samples = load_split(cfg.data, "train")[: cfg.train.batch_size // rollouts]  # same tokens per step for any K
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6)
 
     rows: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PARTS} for m in methods}
@@ -59,7 +60,7 @@ def bench(setup: str, methods: list[str], repeats: int) -> None:
         tokens = batch.num_tokens
         for m in methods:
             method = build_method(m, **method_options(load_config(name, [*overrides, f"method={m}"])))
-            views = Views(adapter, batch, student, teacher.model)
+            views = Views(adapter, batch, student, teacher.model, method.views, share_prefix)
             t0 = time.perf_counter()
             loss, _ = method.loss(views, batch)
             loss_s = time.perf_counter() - t0 - sum(views.seconds.values())
@@ -77,7 +78,7 @@ def bench(setup: str, methods: list[str], repeats: int) -> None:
             for view, v in views.seconds.items():
                 views_split[m].setdefault(view, []).append(v)
 
-    print(f"\n== {setup}: config {name}, {len(samples)} prompts, {tokens} response tokens per step, {repeats} repeats (median ms)")
+    print(f"\n== {setup}: config {name}, {len(samples)} prompts x {rollouts} rollouts, share_prefix={share_prefix}, {tokens} response tokens per step, {repeats} repeats (median ms)")
     print(f"{'method':<8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'tok/s':>9}{'x opd':>7}  views (ms)")
     base = None
     for m in methods:
@@ -93,12 +94,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--rollouts", type=int, default=1, help="rollouts per prompt (rollout.num_rollouts); prompts = batch / K")
+    ap.add_argument("--no-share-prefix", action="store_true", help="score every view alone (train.share_prefix=false)")
     ap.add_argument("--methods", nargs="+", default=["opd", "full_opd", "dopd", "ar_opd", "gkd", "sft"])
     args = ap.parse_args()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for setup in args.setups:
-        bench(setup, args.methods, args.repeats)
+        bench(setup, args.methods, args.repeats, not args.no_share_prefix, args.rollouts)
 
 
 if __name__ == "__main__":

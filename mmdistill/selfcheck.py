@@ -41,7 +41,7 @@ def selfcheck(cfg: DictConfig, teacher_model: torch.nn.Module | None = None) -> 
             if not method.on_policy:
                 continue
             student.zero_grad(set_to_none=True)
-            loss, _ = method.loss(Views(adapter, batch, student, teacher), batch)
+            loss, _ = method.loss(Views(adapter, batch, student, teacher, method.views), batch)
             loss.backward()
             grad = max((p.grad.abs().max().item() for p in student.parameters() if p.grad is not None), default=0.0)
             label = "/".join([name, *map(str, options.values())])

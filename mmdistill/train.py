@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> Path:
             rollouts.log(step, batch)
             # Gradients sync across ranks on the last micro-batch only.
             with accelerator.no_sync(student) if i < cfg.train.grad_accum - 1 else nullcontext():
-                views = Views(adapter, batch, student, teacher.model if teacher else None)
+                views = Views(adapter, batch, student, teacher.model if teacher else None, method.views, cfg.train.share_prefix)
                 with timed(timing, "time_loss"):
                     loss, metrics = method.loss(views, batch)
                 if not torch.isfinite(loss):

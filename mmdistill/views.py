@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from mmdistill.batch import VIEWS, Batch
+from mmdistill.prefix_cache import score_views
 
 # view -> (policy, privileged level): level None = no p, "full" = p, "partial" = partial(p)
 VIEW_SPEC: dict[str, tuple[str, str | None]] = {
@@ -22,10 +23,15 @@ assert tuple(VIEW_SPEC) == VIEWS
 
 class Views(Mapping):
     """views[name] -> [B, N, V] next-token logits aligned with batch.response_ids (unnormalised
-    log-probs: methods apply log_softmax); only "student" is scored with gradient."""
+    log-probs: methods apply log_softmax); only "student" is scored with gradient.
 
-    def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None):
+    `wanted` names the views the method will read (its `views`): those of one model are scored
+    together on the first read, over the prompt prefix they share (prefix_cache.py)."""
+
+    def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                 wanted: tuple[str, ...] = (), share_prefix: bool = True):
         self.adapter, self.batch, self.student, self.teacher = adapter, batch, student, teacher
+        self.wanted, self.share_prefix = tuple(wanted), share_prefix
         self._cache: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
 
@@ -33,14 +39,26 @@ class Views(Mapping):
         if name not in VIEW_SPEC:
             raise KeyError(f"unknown view '{name}'; views: {', '.join(VIEW_SPEC)}")
         if name not in self._cache:
-            policy, level = VIEW_SPEC[name]
+            policy = VIEW_SPEC[name][0]
             model = self.student if policy == "student" else self.teacher
             if model is None:
                 raise ValueError(f"view '{name}' needs a teacher, and this run has none")
-            t0 = time.perf_counter()
-            self._cache[name] = self.adapter.logits(model, self.batch, level, grad=(name == "student"), policy=policy)
-            self.seconds[name] = time.perf_counter() - t0
+            group = [name] + [v for v in self.wanted if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
+            if not (self.share_prefix and self._score_shared(model, policy, group)):
+                t0 = time.perf_counter()
+                self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"), policy=policy)
+                self.seconds[name] = time.perf_counter() - t0
         return self._cache[name]
+
+    def _score_shared(self, model: torch.nn.Module, policy: str, group: list[str]) -> bool:
+        logits, seconds = score_views(self.adapter, model, self.batch, [VIEW_SPEC[v][1] for v in group],
+                                      [v == "student" for v in group], policy)
+        if logits is None:
+            return False
+        self.seconds[f"{policy}_prefix"] = seconds["prefix"]
+        for i, (v, x) in enumerate(zip(group, logits)):
+            self._cache[v], self.seconds[v] = x, seconds[str(i)]
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(VIEW_SPEC)

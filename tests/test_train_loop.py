@@ -68,3 +68,19 @@ def test_on_policy_draw_follows_the_methods_fraction():
 def test_gkd_mixes_rollouts_and_oracle_batches(tmp_path):
     _, rows = run(tmp_path, "gkd", "method=gkd", "method.gkd.lam=0.5", "train.max_steps=6")
     assert {r["on_policy"] for r in rows} == {0.0, 1.0}
+
+
+def test_sharing_the_prompt_prefix_trains_like_scoring_each_view_alone(tmp_path):
+    """AR-OPD reads two teacher views and DOPD two student views: with the shared prefix cache
+    the run logs the same losses and ends at the same weights (up to float rounding)."""
+    for method in ("ar_opd", "dopd"):
+        common = [f"method={method}", "train.max_steps=3", "train.keep_checkpoints=0", "train.sample_every=0"]
+        shared, shared_rows = run(tmp_path, f"{method}-shared", *common)
+        alone, alone_rows = run(tmp_path, f"{method}-alone", *common, "train.share_prefix=false")
+        assert all(r["time_view_teacher_prefix" if method == "ar_opd" else "time_view_student_prefix"] > 0
+                   for r in shared_rows)
+        assert not any(k.endswith("_prefix") for r in alone_rows for k in r)
+        for a, b in zip(shared_rows, alone_rows):
+            assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-6), (method, a["step"])
+        for k in shared:
+            assert torch.allclose(shared[k], alone[k], atol=1e-4), (method, k)

@@ -94,12 +94,13 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
     torch.manual_seed(1)
     batch = ad.rollout(student, samples, rollout_cfg())
     assert batch.response_ids.shape[0] == len(samples)
-    views = Views(ad, batch, student, teacher)
+    views = Views(ad, batch, student, teacher, tuple(VIEW_SPEC))
     shape = (*batch.response_ids.shape, ad.vocab_size)
     for view in VIEW_SPEC:
         with torch.no_grad() if view != "student" else torch.enable_grad():
             assert views[view].shape == shape, view
             assert views[view].requires_grad == (view == "student"), view
+    assert not any(k.endswith("_prefix") for k in views.seconds)  # image prompts are scored view by view
     assert not torch.allclose(views["teacher_full"], views["teacher_plain"])  # the boxes reach the teacher
     assert not torch.allclose(views["teacher_full"], views["teacher_partial"])  # half of them do
 
@@ -118,7 +119,7 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
         before = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-2)
         method = build_method(method_name)
-        loss, metrics = method.loss(Views(ad, batch, student, teacher), batch)
+        loss, metrics = method.loss(Views(ad, batch, student, teacher, method.views), batch)
         assert torch.isfinite(loss) and metrics
         loss.backward()
         opt.step()

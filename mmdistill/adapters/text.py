@@ -181,7 +181,7 @@ class TextAdapter:
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field '{name}'")
         return sample[name]
 
-    def _check_fits(self, samples: list[dict], prompts: Prompts, response_lens: int | list[int], what: str) -> None:
+    def check_fits(self, samples: list[dict], prompts: Prompts, response_lens: int | list[int], what: str) -> None:
         if isinstance(response_lens, int):
             response_lens = [response_lens] * len(samples)
         for s, n, response_len in zip(samples, prompts.attn.sum(1).tolist(), response_lens):
@@ -202,7 +202,7 @@ class TextAdapter:
         samples = self.prepare([s for s in samples for _ in range(cfg.num_rollouts)])
         device = next(model.parameters()).device
         prompts = self.encode(samples, level, policy, device)
-        self._check_fits(samples, prompts, cfg.max_new_tokens, policy if level is None else f"{policy} privileged")
+        self.check_fits(samples, prompts, cfg.max_new_tokens, policy if level is None else f"{policy} privileged")
         greedy = cfg.temperature == 0
         gen = GenerationConfig(
             max_new_tokens=cfg.max_new_tokens,
@@ -233,7 +233,7 @@ class TextAdapter:
         samples = self.prepare(samples)
         resp = self.tok([self._field(s, "response") for s in samples], add_special_tokens=False)["input_ids"]
         resp = [r + [self.eos_ids[0]] for r in resp]
-        self._check_fits(samples, self.encode(samples, None, "student", torch.device("cpu")), [len(r) for r in resp], "student")
+        self.check_fits(samples, self.encode(samples, None, "student", torch.device("cpu")), [len(r) for r in resp], "student")
         ids, mask = right_pad(resp, self.pad_id, torch.device("cpu"))
         return Batch(ids, mask, samples, on_policy=False)
 
@@ -248,7 +248,7 @@ class TextAdapter:
         device = next(model.parameters()).device
         prompts = self.encode(batch.samples, level, policy, device)
         n = batch.response_ids.shape[1]
-        self._check_fits(batch.samples, prompts, n, "scored")
+        self.check_fits(batch.samples, prompts, n, "scored")
         resp = batch.response_ids.to(device)
         full = torch.cat([prompts.ids, resp], dim=1)
         full_attn = torch.cat([prompts.attn, batch.response_mask.to(device).long()], dim=1)
@@ -258,10 +258,13 @@ class TextAdapter:
         with torch.set_grad_enabled(grad):
             out = model(input_ids=full, attention_mask=full_attn, position_ids=positions(model, full_attn),
                         **model_inputs(model, extras), logits_to_keep=n + 1, use_cache=False)
-            logits = out.logits[:, :-1]
-            if logits.shape[-1] < self.vocab_size:
-                raise ValueError(f"model vocab {logits.shape[-1]} is smaller than the tokenizer's {self.vocab_size}")
-            return logits[..., : self.vocab_size]
+            return self.vocab_logits(out.logits[:, :-1])
+
+    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's ids only (models pad their embedding rows past it)."""
+        if logits.shape[-1] < self.vocab_size:
+            raise ValueError(f"model vocab {logits.shape[-1]} is smaller than the tokenizer's {self.vocab_size}")
+        return logits[..., : self.vocab_size]
 
 
 def splice(content: Any, template: str, privileged: str) -> Any:
