@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from mmdistill.sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_optimizer_state, load_full_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -54,13 +56,19 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    model = accelerator.unwrap_model(student) if accelerator else student
+    sharded = is_sharded(model)
+    if sharded:  # gathered whole (every rank takes part), written by the main process like any other
+        weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
     if main:
-        model = accelerator.unwrap_model(student) if accelerator else student
-        save_model(model, str(tmp / "student.safetensors"))
+        if sharded:
+            save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / "student.safetensors"))
+            optim = optimizer.state_dict()
         if teacher is not None and teacher.owns_weights:
             save_model(teacher.model, str(tmp / "teacher.safetensors"))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "trainer_state.pt")
+        torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     torch.save({"step": step, "rank": rank, "data": stream.state_dict(), "rng": rng_state()}, _rank_file(tmp, rank))
     barrier()
     if main:
@@ -110,9 +118,14 @@ def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, strea
     rank_file = _rank_file(path, rank)
     if not rank_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no state for rank {rank} (was it written by fewer processes?)")
-    _load_weights(accelerator.unwrap_model(student) if accelerator else student, path / "student.safetensors")
+    model = accelerator.unwrap_model(student) if accelerator else student
     state = torch.load(path / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(model):
+        load_full_state_dict(model, load_file(str(path / "student.safetensors")))
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        _load_weights(model, path / "student.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if teacher is not None and teacher.owns_weights:
         _load_weights(teacher.model, path / "teacher.safetensors")

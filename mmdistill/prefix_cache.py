@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmdistill.adapters.text import left_pad, positions, uses_model_positions
 from mmdistill.batch import Batch
+from mmdistill.sharding import is_sharded
 
 
 # transformers renamed `past_key_values` to `cache` (5.x); both names are served.
@@ -50,7 +51,7 @@ def can_share(model: torch.nn.Module, grad: bool) -> bool:
     inner = unwrap(model)
     if not isinstance(inner, PreTrainedModel) or uses_model_positions(model):
         return False
-    if grad and ("FullyShardedDataParallel" in type(model).__name__ or hasattr(inner, "_fsdp_wrapped_module")):
+    if grad and is_sharded(inner):
         return False
     checkpointing = getattr(inner, "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing")
                             else "is_gradient_checkpointing", False)

@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from mmdistill.sharding import full_parameters
+
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     twin = copy.deepcopy(model)
@@ -47,7 +49,7 @@ class Teacher:
     def update(self, student: torch.nn.Module) -> None:
         if self.mode != "ema":
             return
-        for t, s in zip(self._model.parameters(), student.parameters()):
+        for t, s in zip(self._model.parameters(), full_parameters(student)):  # a sharded student is gathered
             t.lerp_(s.detach().to(t.dtype), 1.0 - self.ema_decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

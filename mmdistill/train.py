@@ -31,6 +31,7 @@ from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
+from mmdistill.sharding import full_state_dict, is_sharded, shard
 from mmdistill.teachers import Teacher
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -84,11 +85,14 @@ def train(cfg: DictConfig) -> Path:
     # Without an accelerator device, processes started by `accelerate launch`/torchrun train
     # data-parallel on the CPU (gloo) instead of each believing it is alone.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise NotImplementedError(
-            f"{accelerator.distributed_type.value}: sharded students are not supported yet (checkpoints, the EMA "
-            "teacher and the final save need the full weights); use data-parallel (configs/accelerate/ddp.yaml)"
-        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError("DEEPSPEED: not supported; shard the student with train.fsdp=true instead")
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("accelerate's FSDP config: mmdistill shards the student itself; launch with a data-parallel "
+                         "config (configs/accelerate/ddp.yaml) and set train.fsdp=true")
+    if cfg.train.fsdp and accelerator.num_processes < 2:
+        raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
+                         "(accelerate launch --num_processes N -m mmdistill train ...)")
     set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
     run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -99,7 +103,9 @@ def train(cfg: DictConfig) -> Path:
         student.gradient_checkpointing_enable()
     student = student.to(accelerator.device)
     student.train()
-    teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)
+    teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
+    if cfg.train.fsdp:
+        student = shard(student, accelerator.mixed_precision)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
@@ -112,9 +118,13 @@ def train(cfg: DictConfig) -> Path:
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
-    # The student is wrapped for gradient sync (DDP); the frozen teacher never is: it stays
-    # whole on every device, in eval mode. The scheduler steps once per optimizer step, by us.
-    student, optimizer = accelerator.prepare(student, optimizer)
+    # The student is wrapped for gradient sync (DDP) or sharded (FSDP2, which syncs itself); the
+    # frozen teacher never is: it stays whole on every device, in eval mode. The scheduler steps
+    # once per optimizer step, by us.
+    if cfg.train.fsdp:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
     plain = accelerator.unwrap_model(student)  # generation, saving and the EMA read the bare model
     state = dict(student=student, optimizer=optimizer, scheduler=scheduler, teacher=teacher, stream=stream, accelerator=accelerator)
 
@@ -125,7 +135,8 @@ def train(cfg: DictConfig) -> Path:
         accelerator.print(f"resumed from {resume_from} at step {start}")
 
     summary: dict = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
-                     "distributed": accelerator.distributed_type.value, "mixed_precision": accelerator.mixed_precision}
+                     "distributed": accelerator.distributed_type.value, "fsdp": cfg.train.fsdp,
+                     "mixed_precision": accelerator.mixed_precision}
     if test and start == 0:
         summary["accuracy_before"] = _evaluate(accelerator, adapter, plain, test, cfg)
         accelerator.print(f"held-out accuracy before: {summary['accuracy_before']:.3f} ({len(test)} samples)")
@@ -216,8 +227,9 @@ def train(cfg: DictConfig) -> Path:
     if step > start and not saved and cfg.train.keep_checkpoints:  # the last step's checkpoint, unless just written
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
+    weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
     if accelerator.is_main_process:
-        plain.save_pretrained(final)
+        save_pretrained(plain, final, weights)
         proc.save_pretrained(final)
     summary["replica_checksums"] = gather_object([weights_checksum(plain)])
     if test:
@@ -235,9 +247,24 @@ def train(cfg: DictConfig) -> Path:
 
 
 def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) -> float:
-    """Held-out accuracy on the main process (the replicas hold the same weights)."""
-    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)] if accelerator.is_main_process else [None]
+    """Held-out accuracy on the main process (the replicas hold the same weights); a sharded
+    model's forward needs every rank, so then all of them score the same samples."""
+    scores = accelerator.is_main_process or is_sharded(model)
+    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)] if scores else [None]
     return broadcast_object_list(result)[0]
+
+
+def save_pretrained(model: torch.nn.Module, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    """The student as a loadable model directory; `weights`: a sharded model's gathered ones."""
+    if weights is None:
+        model.save_pretrained(directory)
+        return
+    first: dict[int, str] = {}
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n]
+    model.save_pretrained(directory, state_dict={k: v for k, v in weights.items() if k not in tied})
+    config = json.loads((directory / "config.json").read_text())  # FSDP2 renames the class to FSDP<Name>
+    config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @contextmanager
@@ -250,9 +277,10 @@ def timed(into: dict[str, float], key: str):
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
-    """A digest of the weights: equal across ranks when data-parallel training keeps them in sync."""
+    """A digest of the weights: equal across ranks when data-parallel training keeps them in sync
+    (a sharded model's are gathered first, so every rank digests the same whole weights)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(full_state_dict(model, everywhere=True).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@ own RNG states and data position) logs exactly what the uninterrupted run logged
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -143,3 +144,61 @@ def test_sigkill_mid_training_then_resume_gives_the_same_losses(tmp_path):
     for step in range(1, 31):
         for key in DETERMINISTIC:
             assert a[step][key] == b[step][key], (step, key)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    """The same DOPD run (EMA self-teacher: gathered from the shards every step) data-parallel
+    and sharded with FSDP2, and the sharded one resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("fsdp")
+    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2",
+            "train.sample_every=0", "eval.num_samples=2"]
+    runs = {}
+    for name, extra in (("ddp", []), ("fsdp", ["train.fsdp=true"])):
+        runs[name] = root / name
+        r = launch(*base, *extra, f"train.output_dir={runs[name]}", config="tiny")
+        assert r.returncode == 0, r.stderr[-4000:]
+    resumed = root / "resumed"
+    shutil.copytree(runs["fsdp"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    r = launch(*base, "train.fsdp=true", f"train.output_dir={resumed}", "train.resume=auto", config="tiny")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stdout + r.stderr
+    return runs["ddp"], runs["fsdp"], resumed
+
+
+def test_fsdp_trains_like_data_parallel(fsdp):
+    """Sharding changes where the weights live, not the math: same losses, gradient norms and
+    final weights as DDP (up to the order of float sums)."""
+    import torch
+    from safetensors.torch import load_file
+
+    ddp_run, fsdp_run, _ = fsdp
+    summary = json.loads((fsdp_run / "summary.json").read_text())
+    assert summary["fsdp"] is True and summary["processes"] == 2
+    a, b = rows(ddp_run), rows(fsdp_run)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-7), (x["step"], key)
+        assert x["tokens"] == y["tokens"]
+    assert a[-1]["loss"] != a[0]["loss"]  # the run moved
+    wa, wb = load_file(str(ddp_run / "student" / "model.safetensors")), load_file(str(fsdp_run / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert json.loads((fsdp_run / "student" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    for ckpt in ("step_00000002", "step_00000004"):  # whole weights and a by-name optimizer state
+        assert load_file(str(fsdp_run / "checkpoints" / ckpt / "student.safetensors")).keys() >= wa.keys()
+        assert (fsdp_run / "checkpoints" / ckpt / "teacher.safetensors").is_file()
+
+
+def test_fsdp_resume_matches_the_uninterrupted_run(fsdp):
+    _, fsdp_run, resumed = fsdp
+    a = {r["step"]: r for r in rows(fsdp_run)}
+    b = {r["step"]: r for r in rows(resumed)}
+    for step in (3, 4):
+        for key in DETERMINISTIC:
+            assert a[step][key] == b[step][key], (step, key)
+    assert json.loads((fsdp_run / "summary.json").read_text())["replica_checksums"] == \
+        json.loads((resumed / "summary.json").read_text())["replica_checksums"]

@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from mmdistill.batch import Batch
+from mmdistill.sharding import synced_generation
 
 
 class TemplateError(ValueError):
@@ -218,8 +219,9 @@ class TextAdapter:
         was_training = model.training
         model.eval()
         try:
+            synced = {"synced_gpus": True} if synced_generation(model) else {}
             out = model.generate(input_ids=prompts.ids, attention_mask=prompts.attn, **model_inputs(model, prompts.extras),
-                                 generation_config=gen)
+                                 generation_config=gen, **synced)
         finally:
             model.train(was_training)
         resp = out[:, prompts.ids.shape[1]:]

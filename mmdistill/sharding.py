@@ -1,0 +1,83 @@
+"""FSDP2 students (`train.fsdp`): parameters sharded across the processes, gathered whole
+wherever mmdistill reads or writes all of them (checkpoints, the EMA teacher, the final save).
+
+mmdistill applies torch's `fully_shard` itself, after building any self-teacher from the whole
+student, so the same code runs on GPUs (NCCL) and in the CPU tests (gloo). Every function here
+that gathers is a collective: all ranks call it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def synced_generation(model: torch.nn.Module) -> bool:
+    """A sharded model's forward is a collective: every rank must keep stepping `generate`
+    until all ranks are done (HF's synced_gpus), however long its own responses are."""
+    return is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
+    """Each transformer block is its own FSDP unit (HF's `_no_split_modules`), then the root."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"train.fsdp: a {type(model).__name__} student cannot be sharded (its generate reads weights "
+            "outside forward); FSDP supports Hugging Face models: use data-parallel for composite VLMs"
+        )
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[mixed_precision], reduce_dtype=torch.float32) \
+        if mixed_precision in DTYPES else MixedPrecisionPolicy()
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU: on rank 0 only, or on every rank (`everywhere`)."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Keyed by parameter name (not by a rank's shard), so any rank count reads it back."""
+    return get_optimizer_state_dict(model, _bare(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    set_optimizer_state_dict(model, _bare(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_parameters(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The model's parameters, each gathered whole while it is read."""
+    for p in model.parameters():
+        yield p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _bare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
