@@ -516,6 +516,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` (accelerate's own word) as false
+        cfg.train.mixed_precision = "no"
     validate(cfg)
     return cfg
 

@@ -329,3 +329,13 @@ def test_no_checkpoints_cannot_be_asked_to_checkpoint():
     assert "'train.checkpoint_every'" in msg and "keep_checkpoints" in msg
     load_config(None, ["train.keep_checkpoints=0"])
     load_config(None, ["train.keep_checkpoints=1", "train.checkpoint_every=5"])
+
+
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    assert load_config("tiny", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config("tiny", ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config("tiny", ["train.mixed_precision=yes"])

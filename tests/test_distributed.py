@@ -202,3 +202,20 @@ def test_fsdp_resume_matches_the_uninterrupted_run(fsdp):
             assert a[step][key] == b[step][key], (step, key)
     assert json.loads((fsdp_run / "summary.json").read_text())["replica_checksums"] == \
         json.loads((resumed / "summary.json").read_text())["replica_checksums"]
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["method.name=dopd", "train.fsdp=true", "train.max_steps=2", "eval.num_samples=0", "train.sample_every=0",
+              "train.keep_checkpoints=0"]
+    out, ref = tmp_path / "bf16", tmp_path / "fp32"
+    for d, precision in ((out, "bf16"), (ref, "no")):
+        r = launch(*common, f"train.mixed_precision={precision}", f"train.output_dir={d}", config="tiny")
+        assert r.returncode == 0, r.stderr[-4000:]
+    assert rows(out)[0]["loss"] != rows(ref)[0]["loss"]  # same rollouts and weights at step 1: only the compute dtype differs
+    assert json.loads((out / "summary.json").read_text())["mixed_precision"] == "bf16"
+    assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in rows(out))
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # FSDP keeps float32 masters; bf16 is compute only
