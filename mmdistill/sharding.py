@@ -7,6 +7,7 @@ that gathers is a collective: all ranks call it.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,21 @@ def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Modul
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+@contextlib.contextmanager
+def no_sync(accelerator, model: torch.nn.Module):
+    """Gradient accumulation without syncing: FSDP2 keeps this micro-batch's gradients unsharded
+    and local (reduce-scattered with the last one); anything else goes through accelerate."""
+    if not is_sharded(model):
+        with accelerator.no_sync(model):
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:

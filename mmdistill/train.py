@@ -31,7 +31,7 @@ from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
-from mmdistill.sharding import full_state_dict, is_sharded, shard
+from mmdistill.sharding import full_state_dict, is_sharded, no_sync, shard
 from mmdistill.teachers import Teacher
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> Path:
                 batch = adapter.rollout(plain, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
             rollouts.log(step, batch)
             # Gradients sync across ranks on the last micro-batch only.
-            with accelerator.no_sync(student) if i < cfg.train.grad_accum - 1 else nullcontext():
+            with no_sync(accelerator, student) if i < cfg.train.grad_accum - 1 else nullcontext():
                 views = Views(adapter, batch, student, teacher.model if teacher else None, method.views, cfg.train.share_prefix)
                 with timed(timing, "time_loss"):
                     loss, metrics = method.loss(views, batch)
