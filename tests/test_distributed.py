@@ -40,6 +40,19 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def assert_resumed_like(full: Path, resumed: Path) -> None:
+    """A 4-step run resumed from its step-2 checkpoint logs steps 3-4 exactly as the run that was
+    never stopped, and ends with the same weights."""
+    a = {r["step"]: r for r in rows(full)}
+    b = {r["step"]: r for r in rows(resumed)}
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in DETERMINISTIC:
+            assert a[step][key] == b[step][key], (step, key)
+    assert json.loads((full / "summary.json").read_text())["replica_checksums"] == \
+        json.loads((resumed / "summary.json").read_text())["replica_checksums"]
+
+
 def write(out: Path, samples: list[dict]) -> Path:
     with ShardWriter(out, prefix="s", max_count=4) as w:
         for s in samples:
@@ -105,14 +118,7 @@ def test_two_ranks_share_a_grad_prefix_and_sync_it(tmp_path):
 def test_two_rank_resume_matches_the_uninterrupted_run(ddp):
     full, resumed, r2 = ddp
     assert "resumed from" in r2.stdout + r2.stderr
-    a = {r["step"]: r for r in rows(full)}
-    b = {r["step"]: r for r in rows(resumed)}
-    assert sorted(b) == [1, 2, 3, 4]
-    for step in (3, 4):
-        for key in DETERMINISTIC:
-            assert a[step][key] == b[step][key], (step, key)
-    assert json.loads((full / "summary.json").read_text())["replica_checksums"] == \
-        json.loads((resumed / "summary.json").read_text())["replica_checksums"]
+    assert_resumed_like(full, resumed)
 
 
 def test_sigkill_mid_training_then_resume_gives_the_same_losses(tmp_path):
@@ -204,13 +210,7 @@ def test_fsdp_trains_like_data_parallel(fsdp):
 
 def test_fsdp_resume_matches_the_uninterrupted_run(fsdp):
     _, fsdp_run, resumed = fsdp
-    a = {r["step"]: r for r in rows(fsdp_run)}
-    b = {r["step"]: r for r in rows(resumed)}
-    for step in (3, 4):
-        for key in DETERMINISTIC:
-            assert a[step][key] == b[step][key], (step, key)
-    assert json.loads((fsdp_run / "summary.json").read_text())["replica_checksums"] == \
-        json.loads((resumed / "summary.json").read_text())["replica_checksums"]
+    assert_resumed_like(fsdp_run, resumed)
 
 
 def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
