@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmdistill.adapters.text import left_pad, positions, uses_model_positions
+from mmdistill.adapters.text import left_pad, positions, unwrap, uses_model_positions
 from mmdistill.batch import Batch
 from mmdistill.sharding import is_sharded
 
@@ -39,10 +39,6 @@ def shared_lengths(prompts: list[list[list[int]]]) -> list[int]:
             n += 1
         out.append(max(n, 0))
     return out
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def can_share(model: torch.nn.Module, grad: bool) -> bool:
@@ -76,8 +72,7 @@ def score_views(adapter, model: torch.nn.Module, batch: Batch, levels: list[str 
     repeated = len({id(s) for s in batch.samples}) < len(batch.samples)  # rollouts of one prompt
     if not (len(levels) > 1 or repeated) or not can_share(model, any(grads)):
         return None, {}
-    images = getattr(adapter, "images", None)  # a VLM's image features sit inside the prompt
-    if images and any(images(s, level) for s in batch.samples for level in levels):
+    if adapter.has_images(batch.samples):  # a VLM's image features sit inside the prompt
         return None, {}
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -87,7 +82,7 @@ def score_views(adapter, model: torch.nn.Module, batch: Batch, levels: list[str 
     n = batch.response_ids.shape[1]
     for p in encoded:
         adapter.check_fits(batch.samples, p, n, "scored")
-    prompts = [[row[mask.bool()].tolist() for row, mask in zip(p.ids, p.attn)] for p in encoded]
+    prompts = [p.unpadded() for p in encoded]
     cut = shared_lengths(prompts)
     resp, resp_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     seconds: dict[str, float] = {}

@@ -83,6 +83,7 @@ def test_shared_views_equal_views_scored_alone(setup):
         assert a.shape == b.shape
         assert a.requires_grad == b.requires_grad == (name == "student")
         assert torch.allclose(a[m], b[m], atol=1e-5), name
+    assert not adapter.has_images(batch.samples)
     assert {"student_prefix", "teacher_prefix"} <= set(shared.seconds)  # the cache was really used
     assert "student_prefix" not in alone.seconds
     ga, gb = grads(student, shared["student"], m), grads(student, alone["student"], m)

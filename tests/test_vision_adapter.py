@@ -100,6 +100,7 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
         with torch.no_grad() if view != "student" else torch.enable_grad():
             assert views[view].shape == shape, view
             assert views[view].requires_grad == (view == "student"), view
+    assert ad.has_images(batch.samples)  # caught before any prompt is encoded for a shared cache
     assert not any(k.endswith("_prefix") for k in views.seconds)  # image prompts are scored view by view
     assert not torch.allclose(views["teacher_full"], views["teacher_plain"])  # the boxes reach the teacher
     assert not torch.allclose(views["teacher_full"], views["teacher_partial"])  # half of them do

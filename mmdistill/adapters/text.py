@@ -78,6 +78,9 @@ class Prompts:
     attn: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def unpadded(self) -> list[list[int]]:
+        return [row[mask.bool()].tolist() for row, mask in zip(self.ids, self.attn)]
+
 
 class TextAdapter:
     """Builds each view's prompt from a sample record and scores responses under it.
@@ -176,6 +179,10 @@ class TextAdapter:
     def prepare(self, samples: list[dict]) -> list[dict]:
         """Samples as the views read them (the vision adapter decodes images here, once)."""
         return samples
+
+    def has_images(self, samples: list[dict]) -> bool:
+        """Whether any view of these samples puts an image into its prompt."""
+        return False
 
     def _field(self, sample: dict, name: str) -> str:
         if name not in sample:
@@ -281,10 +288,15 @@ def splice(content: Any, template: str, privileged: str) -> Any:
     return parts
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    return getattr(model, "module", model)
+
+
 def uses_model_positions(model: torch.nn.Module) -> bool:
     """Models with multimodal rotary positions (Qwen-VL) derive them from the ids, image grids
     and attention mask themselves; 1-D positions would be wrong for them."""
-    model = getattr(model, "module", model)  # under a DDP/FSDP wrapper
+    model = unwrap(model)
     inner = getattr(model, "model", None)
     return hasattr(model, "get_rope_index") or hasattr(inner, "get_rope_index")
 

@@ -55,6 +55,9 @@ class VisionAdapter(TextAdapter):
             out.append(new)
         return out
 
+    def has_images(self, samples: list[dict]) -> bool:
+        return any(s.get("images") or s.get("teacher_images") for s in samples)
+
     # -- privileged views ------------------------------------------------------------------
 
     def view_boxes(self, sample: dict, level: str | None) -> list[dict]:
@@ -100,8 +103,7 @@ class VisionAdapter(TextAdapter):
     # -- encoding --------------------------------------------------------------------------
 
     def prompt_ids(self, samples: list[dict], level: str | None, policy: str = "student") -> list[list[int]]:
-        prompts = self.encode(samples, level, policy, torch.device("cpu"))
-        return [row[mask.bool()].tolist() for row, mask in zip(prompts.ids, prompts.attn)]
+        return self.encode(samples, level, policy, torch.device("cpu")).unpadded()
 
     def encode(self, samples: list[dict], level: str | None, policy: str, device: torch.device) -> Prompts:
         texts = self.prompt_texts(samples, level, policy)
