@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 
 from omegaconf import OmegaConf
@@ -28,14 +30,43 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    launcher = None if args.no_launch else _default_launch()
+    if launcher is not None:
+        print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
+               *([config] if config is not None else []), *overrides]
+        return subprocess.call(cmd)
+    from mmdistill.sharding import launcher_fsdp
     from mmdistill.train import train
 
+    try:
+        launcher_fsdp(os.environ)  # an accelerate config mmdistill cannot honour: one line per process, not a traceback
+    except (ValueError, NotImplementedError) as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
     try:
         train(cfg)
     except FileExistsError as exc:  # a finished run's directory: say so in one line
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _default_launch() -> str | None:
+    """accelerate's default config file (written by `accelerate config`) when it asks for more
+    than one process or for sharding, and this process was not itself started by a launcher:
+    then `mmdistill train` runs as `accelerate launch -m mmdistill train` would."""
+    if any(k in os.environ for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE")):
+        return None
+    from accelerate.commands.config import default_config_file, load_config_from_file
+
+    if not os.path.isfile(default_config_file):
+        return None
+    found = load_config_from_file(default_config_file)
+    kind = str(getattr(found.distributed_type, "value", found.distributed_type))
+    if (found.num_processes or 1) > 1 or kind in ("FSDP", "DEEPSPEED"):
+        return default_config_file
+    return None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -122,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", help="configs/NAME.yaml, NAME, or a path")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--no-launch", action="store_true",
+                   help="train in this process even when accelerate's default config (`accelerate config`) asks for several")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score a student (or the teacher) on test splits: mmdistill eval CONFIG_OR_RUN_DIR",

@@ -8,7 +8,7 @@ that gathers is a collective: all ranks call it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,57 @@ def synced_generation(model: torch.nn.Module) -> bool:
     return is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
-    """Each transformer block is its own FSDP unit (HF's `_no_split_modules`), then the root."""
+# accelerate's sharding strategies (names or their FSDP1 enum numbers) -> FSDP2's reshard_after_forward.
+STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
+REFUSED = {"NO_SHARD": "nothing is sharded: use configs/accelerate/ddp.yaml",
+           "3": "nothing is sharded: use configs/accelerate/ddp.yaml",
+           "HYBRID_SHARD": "hybrid (per-node) sharding is not supported",
+           "4": "hybrid (per-node) sharding is not supported",
+           "HYBRID_SHARD_ZERO2": "hybrid (per-node) sharding is not supported",
+           "5": "hybrid (per-node) sharding is not supported"}
+
+
+def _flag(environ: Mapping[str, str], key: str) -> bool:
+    return environ.get(key, "false").strip().lower() in ("1", "true", "yes")
+
+
+def launcher_fsdp(environ: Mapping[str, str]) -> dict | None:
+    """The FSDP settings `accelerate launch` passes down from an accelerate config file
+    (`distributed_type: FSDP`), as mmdistill's own: {"reshard_after_forward", "gradient_checkpointing"};
+    None when the launch was not FSDP.
+
+    accelerate's plugin cannot be used for this: on a CPU-only machine it silently falls back to
+    unsharded data-parallel, and its FSDP1 form needs a GPU to exist. mmdistill shards with FSDP2
+    whichever `fsdp_version` the file names: FULL_SHARD is reshard_after_forward=true,
+    SHARD_GRAD_OP is false. What it cannot honour (parameter offload, NO_SHARD, hybrid sharding)
+    is refused rather than ignored. DeepSpeed launches are refused here too, for the same reason.
+    """
+    if _flag(environ, "ACCELERATE_USE_DEEPSPEED"):
+        raise NotImplementedError("accelerate config: DeepSpeed is not supported; use configs/accelerate/fsdp.yaml "
+                                  "(or train.fsdp=true) to shard the student")
+    if not _flag(environ, "ACCELERATE_USE_FSDP"):
+        return None
+    version = environ.get("FSDP_VERSION", "1").strip()
+    reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().upper()
+    if version == "1" and reshard in ("TRUE", "FALSE"):  # FSDP1 configs name a strategy; the older key wins when the new one holds none
+        reshard = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+    if reshard in REFUSED:
+        raise ValueError(f"accelerate config fsdp_reshard_after_forward/fsdp_sharding_strategy={reshard}: {REFUSED[reshard]}")
+    if reshard in ("TRUE", "FALSE"):
+        after_forward = reshard == "TRUE"
+    elif reshard in STRATEGIES:
+        after_forward = STRATEGIES[reshard]
+    else:
+        raise ValueError(f"accelerate config fsdp_reshard_after_forward={reshard!r}: expected true, false, FULL_SHARD or SHARD_GRAD_OP")
+    if _flag(environ, "FSDP_OFFLOAD_PARAMS"):
+        raise ValueError("accelerate config fsdp_offload_params=true: CPU offload is not supported; set it to false")
+    return {"reshard_after_forward": after_forward, "gradient_checkpointing": _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING")}
+
+
+def shard(model: torch.nn.Module, mixed_precision: str = "no", reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Each transformer block is its own FSDP unit (HF's `_no_split_modules`), then the root.
+    reshard_after_forward=False keeps the gathered weights from forward to backward (ZeRO-2 style:
+    more memory, one all-gather less per step)."""
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"train.fsdp: a {type(model).__name__} student cannot be sharded (its generate reads weights "
@@ -48,8 +97,8 @@ def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Modul
         if mixed_precision in DTYPES else MixedPrecisionPolicy()
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
 

@@ -31,7 +31,7 @@ from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
-from mmdistill.sharding import full_state_dict, is_sharded, no_sync, shard
+from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, no_sync, shard
 from mmdistill.teachers import Teacher
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -82,14 +82,18 @@ def draw_on_policy(method) -> bool:
 
 def train(cfg: DictConfig) -> Path:
     hf_logging.disable_progress_bar()  # one progress bar: ours
+    from_file = launcher_fsdp(os.environ)
+    if from_file is not None:  # an accelerate FSDP config file: mmdistill's own FSDP2 takes it over
+        os.environ["ACCELERATE_USE_FSDP"] = "false"  # accelerate sets up plain data-parallel processes
+        cfg.train.fsdp = True
+        cfg.train.fsdp_reshard_after_forward = from_file["reshard_after_forward"]
+        cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing or from_file["gradient_checkpointing"]
     # Without an accelerator device, processes started by `accelerate launch`/torchrun train
     # data-parallel on the CPU (gloo) instead of each believing it is alone.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError("DEEPSPEED: not supported; shard the student with train.fsdp=true instead")
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise ValueError("accelerate's FSDP config: mmdistill shards the student itself; launch with a data-parallel "
-                         "config (configs/accelerate/ddp.yaml) and set train.fsdp=true")
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # launched some other way
+        raise NotImplementedError(f"{accelerator.distributed_type.value}: accelerate's own wrapping is not used; launch with "
+                                  "configs/accelerate/fsdp.yaml or set train.fsdp=true")
     if cfg.train.fsdp and accelerator.num_processes < 2:
         raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
@@ -105,7 +109,7 @@ def train(cfg: DictConfig) -> Path:
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
     if cfg.train.fsdp:
-        student = shard(student, accelerator.mixed_precision)
+        student = shard(student, accelerator.mixed_precision, cfg.train.fsdp_reshard_after_forward)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)

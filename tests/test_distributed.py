@@ -29,9 +29,11 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config_file: str | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with flags, or with one of configs/accelerate/ (`config_file`)."""
+    how = ["--config_file", config_file] if config_file else \
+        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", "0",
            "-m", "mmdistill", "train", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
 
@@ -179,7 +181,11 @@ def fsdp(tmp_path_factory):
     r = launch(*base, "train.fsdp=true", f"train.output_dir={resumed}", "train.resume=auto", config="tiny")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr
-    return runs["ddp"], runs["fsdp"], resumed
+    # accelerate's own FSDP config file, where CPU processes would otherwise quietly run unsharded
+    from_file = root / "from_file"
+    r = launch(*base, f"train.output_dir={from_file}", config="tiny", config_file="configs/accelerate/fsdp.yaml")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return runs["ddp"], runs["fsdp"], resumed, from_file
 
 
 def test_fsdp_trains_like_data_parallel(fsdp):
@@ -188,7 +194,7 @@ def test_fsdp_trains_like_data_parallel(fsdp):
     import torch
     from safetensors.torch import load_file
 
-    ddp_run, fsdp_run, _ = fsdp
+    ddp_run, fsdp_run, *_ = fsdp
     summary = json.loads((fsdp_run / "summary.json").read_text())
     assert summary["fsdp"] is True and summary["processes"] == 2
     a, b = rows(ddp_run), rows(fsdp_run)
@@ -209,8 +215,39 @@ def test_fsdp_trains_like_data_parallel(fsdp):
 
 
 def test_fsdp_resume_matches_the_uninterrupted_run(fsdp):
-    _, fsdp_run, resumed = fsdp
+    _, fsdp_run, resumed, _ = fsdp
     assert_resumed_like(fsdp_run, resumed)
+
+
+def test_accelerates_fsdp_config_file_runs_mmdistills_fsdp(fsdp):
+    """configs/accelerate/fsdp.yaml is the train.fsdp=true run: the same per-step numbers, and
+    the saved config says what ran."""
+    from omegaconf import OmegaConf
+
+    _, fsdp_run, _, from_file = fsdp
+    assert json.loads((from_file / "summary.json").read_text())["fsdp"] is True
+    assert OmegaConf.load(from_file / "config.yaml").train.fsdp is True
+    a, b = rows(fsdp_run), rows(from_file)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in DETERMINISTIC:
+            assert x[key] == y[key], (x["step"], key)
+
+
+def test_mmdistill_train_follows_the_default_accelerate_config(tmp_path):
+    """With `accelerate config` set to 2 processes, plain `mmdistill train` runs data-parallel;
+    --no-launch keeps it in one process."""
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    ddp_file = (REPO / "configs" / "accelerate" / "ddp.yaml").read_text()
+    (home / "accelerate" / "default_config.yaml").write_text(ddp_file + "main_process_port: 0\n")
+    common = ["train.max_steps=1", "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0"]
+    for flag, processes in (([], 2), (["--no-launch"], 1)):
+        out = tmp_path / f"run{processes}"
+        cmd = [sys.executable, "-m", "mmdistill", "train", "tiny", *flag, *common, f"train.output_dir={out}"]
+        r = subprocess.run(cmd, cwd=REPO, env={**env(), "HF_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert json.loads((out / "summary.json").read_text())["processes"] == processes
 
 
 def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
