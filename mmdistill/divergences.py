@@ -77,7 +77,7 @@ def topk_reverse_kl(
         raise ValueError(f"k must be a positive int, got {k!r}")
     k = min(k, lp_s.shape[-1])
     with torch.no_grad():
-        ids = (lp_s if index_from == "student" else lp_t).detach().topk(k, dim=-1).indices
+        ids = (lp_s if index_from == "student" else lp_t).detach().topk(k, dim=-1, sorted=False).indices  # a set: its order is not needed
     s = _renormalise(lp_s.gather(-1, ids))
     t = _renormalise(lp_t.gather(-1, ids))
     return _kl(s, t)

@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> Path:
 
     student, proc = load(cfg.student, seed=cfg.train.seed)
     if cfg.train.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()  # newer name where it exists
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student

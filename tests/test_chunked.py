@@ -97,3 +97,27 @@ def test_values_out_receives_each_tokens_value(chunk):
     ref = reverse_kl(s.log_softmax(-1), torch.nan_to_num(t).log_softmax(-1))
     assert torch.allclose(out[mask], ref[mask])
     assert (out[~mask] == -7.0).all()  # positions with weight 0 are left untouched
+
+
+def test_automatic_chunks_keep_the_graph_only_when_one_chunk_holds_everything(monkeypatch):
+    """chunk_size=None: a loss that fits one automatic chunk backpropagates through its own graph
+    (no recompute); a larger one goes through the chunked recompute. Both equal the brute force."""
+    import mmdistill.chunked as chunked
+
+    s, t, mask = data()
+    w = reduction_weights(mask)
+    positions = int(mask.sum())
+    results = {}
+    for elements, kind in ((positions * 11, "graph"), (positions * 11 - 1, "chunked")):
+        monkeypatch.setattr(chunked, "AUTO_CHUNK_ELEMENTS", elements)
+        x = s.clone().requires_grad_(True)
+        loss = token_loss(reverse_kl, x, [t], w)
+        assert ("_ChunkedTokenLoss" in type(loss.grad_fn).__name__) == (kind == "chunked")
+        loss.backward()
+        results[kind] = (loss.detach(), x.grad)
+    x = s.clone().requires_grad_(True)
+    lp_t = torch.where(mask[..., None], t, torch.zeros_like(t)).log_softmax(-1)
+    ref = brute_masked_mean(reverse_kl(x.log_softmax(-1), lp_t), mask, "seq")
+    ref.backward()
+    for loss, grad in results.values():
+        assert torch.allclose(loss, ref, atol=1e-10) and torch.allclose(grad, x.grad, atol=1e-10)

@@ -251,3 +251,25 @@ def test_train_hf_vlm_student_with_a_teacher_of_another_family(tmp_path):
     assert row["step"] == 1 and row["tokens"] > 0
     model, proc = load(OmegaConf.merge(cfg.student, {"path": str(run / "student")}))
     assert type(model).__name__ == "SmolVLMForConditionalGeneration" and type(proc).__name__ == "SmolVLMProcessor"
+
+
+def test_boxes_are_drawn_once_per_prompt_and_step(samples, monkeypatch):
+    """student_priv and teacher_full see the same drawn image, and the rollouts of one prompt the
+    same decoded one: each is drawn once per batch (the drawing was most of a privileged view's
+    time), and what is drawn equals a fresh drawing."""
+    import mmdistill.adapters.vision as vision
+
+    calls = []
+    real = vision.draw_boxes
+    monkeypatch.setattr(vision, "draw_boxes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    student, proc = build_pair("composite_timm", 0)
+    ad = VisionAdapter(proc, priv_cfg(source="draw"), 0)
+    batch = ad.rollout(student.eval(), samples[:2], rollout_cfg(num_rollouts=3))
+    prepared = batch.samples
+    assert len(prepared) == 6 and prepared[0]["images"][0] is prepared[2]["images"][0]
+    for _ in range(2):  # two views read the full drawing, one the partial
+        ad.encode(prepared, "full", "student", torch.device("cpu"))
+    ad.encode(prepared, "partial", "teacher", torch.device("cpu"))
+    assert len(calls) == 2 * 2  # 2 prompts x (full, partial), each with one image
+    fresh = draw_boxes(prepared[3]["images"][0], prepared[3]["boxes"])
+    assert ad.images(prepared[3], "full")[0].tobytes() == fresh.tobytes()

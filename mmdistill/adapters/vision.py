@@ -23,6 +23,9 @@ from mmdistill.adapters.text import Prompts, TextAdapter
 from mmdistill.annotate import boxes_text, check_boxes, draw_boxes, load_image, partial_boxes
 
 
+DRAWN = "_drawn_images"
+
+
 def _as_parts(content: Any) -> list[dict]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else [dict(p) for p in content]
 
@@ -40,9 +43,13 @@ class VisionAdapter(TextAdapter):
         self.never_sample = sorted(i for i in ids if isinstance(i, int))
 
     def prepare(self, samples: list[dict]) -> list[dict]:
-        """Decode every image once per batch and validate boxes; errors name the sample."""
-        out = []
+        """Decode every image once per batch and validate boxes; errors name the sample. The
+        rollouts of one prompt (the same sample object, repeated) share its decoded images."""
+        out, seen = [], {}
         for s in samples:
+            if id(s) in seen:
+                out.append(dict(seen[id(s)]))
+                continue
             sid = s.get("id", "?")
             new = dict(s)
             if any(isinstance(x, (str, Path)) for x in s.get("images") or []):
@@ -52,6 +59,8 @@ class VisionAdapter(TextAdapter):
                     new[key] = [load_image(x, f"sample '{sid}' {key}[{i}]") for i, x in enumerate(s[key])]
             if s.get("boxes"):
                 new["boxes"] = check_boxes(s["boxes"], [im.size for im in new.get("images") or []], f"sample '{sid}' boxes")
+            new[DRAWN] = {}  # images with boxes drawn on, per view level: drawn once per batch, shared by the views
+            seen[id(s)] = new
             out.append(new)
         return out
 
@@ -84,9 +93,13 @@ class VisionAdapter(TextAdapter):
         if source == "teacher":
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field 'teacher_images' (privileged.image.source=teacher)")
         if source == "draw":
-            boxes = self.view_boxes(sample, level)
-            return [draw_boxes(im, boxes, labels=self.priv.image.draw_labels, width=self.priv.image.line_width, image_index=i)
-                    for i, im in enumerate(student)]
+            opts, drawn = self.priv.image, sample.get(DRAWN, {})
+            key = (level, opts.draw_labels, opts.line_width, opts.partial_boxes, self.priv.partial_field, self.priv.partial_ratio)
+            if key not in drawn:
+                boxes = self.view_boxes(sample, level)
+                drawn[key] = [draw_boxes(im, boxes, labels=opts.draw_labels, width=opts.line_width, image_index=i)
+                              for i, im in enumerate(student)]
+            return drawn[key]
         return student
 
     def messages(self, sample: dict, level: str | None) -> list[dict]:

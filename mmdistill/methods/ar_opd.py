@@ -95,8 +95,8 @@ def anchored_residual_target(
 
 def _top_overlap(lp_a: torch.Tensor, lp_b: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, lp_a.shape[-1])
-    a = lp_a.topk(k, dim=-1).indices
-    b = lp_b.topk(k, dim=-1).indices
+    a = lp_a.topk(k, dim=-1, sorted=False).indices
+    b = lp_b.topk(k, dim=-1, sorted=False).indices
     shared = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum(-1)
     return shared.to(torch.float32) / k
 
