@@ -85,6 +85,8 @@ def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | No
         "ci95": list(checkers.wilson_interval(n_right, len(texts))),
         "pass_at_k": {str(j): sum(checkers.pass_at_k(k, c, j) for c in per_sample) / len(samples) for j in ks},
         "mean_response_tokens": sum(lengths) / len(lengths),
+        # low when the student answers every question alike (a collapsed policy ignores its input)
+        "distinct_rate": len({" ".join(t.split()) for t in texts}) / len(texts),
         "by_length": checkers.length_buckets(lengths, correct),
         "leakage_rate": sum(leaks) / len(leaks) if leaks else None,
         "shortcut_rate": sum(shortcuts) / len(shortcuts) if shortcuts else None,

@@ -31,7 +31,7 @@ ORDER = [
     "lr", "grad_norm",
     "tokens_per_s", "tokens", "rollout_len", "step_s", "time_",
     "share_", "share_ht", "share_lh", "share_hs", "share_ll",
-    "student_entropy", "teacher_entropy", "target_entropy", "entropy_gap",
+    "student_entropy", "teacher_entropy", "target_entropy", "entropy_gap", "self_kl", "self_entropy",
     "belief_shift", "anchor_drift", "residual_uptake", "top16_overlap",
     "threshold_a", "threshold_qs", "threshold_qt", "adv_gap", "on_policy",
 ]

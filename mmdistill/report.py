@@ -174,13 +174,14 @@ def eval_markdown(result: dict) -> str:
     order = split_order(splits)
     ks = _pass_ks(splits)
     header = ["split", "n", "accuracy % [95% CI]", *(f"pass@{k} %" for k in ks),
-              "mean tokens", "leakage %", "shortcut %"]
+              "mean tokens", "distinct %", "leakage %", "shortcut %"]
     rows = []
     for name in order:
         s = splits[name]
         pass_at = s.get("pass_at_k") or {}
         rows.append([name, str(s.get("n", MISSING)), _acc_with_ci(s), *(_pct(pass_at.get(k)) for k in ks),
-                     _tokens(s.get("mean_response_tokens")), _pct(s.get("leakage_rate")), _pct(s.get("shortcut_rate"))])
+                     _tokens(s.get("mean_response_tokens")), _pct(s.get("distinct_rate")), _pct(s.get("leakage_rate")),
+                     _pct(s.get("shortcut_rate"))])
     parts = [_heading(result), ""]
     settings = _settings_line(result)
     if settings:

@@ -307,6 +307,9 @@ def test_metrics_diagnostics_against_reference():
     assert metrics["teacher_entropy"] == pytest.approx(ref_reduce(ent(lt), MASK, "seq").item(), rel=1e-5)
     rkl = [[(ls[b, n].exp() * (ls[b, n] - lt[b, n])).sum() for n in range(N)] for b in range(B)]
     assert metrics["reverse_kl"] == pytest.approx(ref_reduce(rkl, MASK, "seq").item(), rel=1e-5)
+    assert metrics["self_entropy"] == pytest.approx(ref_reduce(ent(lp), MASK, "seq").item(), rel=1e-5)
+    self_kl = [[(ls[b, n].exp() * (ls[b, n] - lp[b, n])).sum() for n in range(N)] for b in range(B)]
+    assert metrics["self_kl"] == pytest.approx(ref_reduce(self_kl, MASK, "seq").item(), rel=1e-5)
     lqs = torch.stack([lp[b, n, ids[b, n]] for b in range(B) for n in range(N)]).reshape(B, N)
     lqt = torch.stack([lt[b, n, ids[b, n]] for b in range(B) for n in range(N)]).reshape(B, N)
     _, (m_a, m_s, m_t) = ref_route(lqs, lqt, MASK)

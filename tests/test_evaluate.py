@@ -76,6 +76,7 @@ def test_oracle_scores_everything_and_a_constant_its_share(setup):
     sevens = sum(s["answer"] == "7" for s in samples("test"))
     assert constant["accuracy"] == sevens / 10 and constant["correct"] == sevens
     assert constant["shortcut_rate"] is not None and constant["mean_response_tokens"] > 0
+    assert row["distinct_rate"] == 1.0 and constant["distinct_rate"] == 0.1  # one answer for ten questions
     assert sum(b["n"] for b in constant["by_length"]) == 10
 
 

@@ -58,7 +58,9 @@ ROUTINGS = ("advantage", "shuffled")
 # Kinds of term, in the order of the per-token weight extras [B, N, 3]:
 # JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
 TERMS = ("js_teacher", "topk_teacher", "topk_self")
-DIAGNOSTICS = ("reverse_kl", "student_entropy", "teacher_entropy")
+# self_kl and self_entropy watch the self target: KL(pi_S(.|x) || pi_S(.|x,p)) and the entropy of
+# pi_S(.|x,p), the two numbers that say whether self-distillation is drifting or collapsing.
+DIAGNOSTICS = ("reverse_kl", "student_entropy", "teacher_entropy", "self_kl", "self_entropy")
 
 
 def _drop_count(n: int, trim: float) -> int:
@@ -252,6 +254,8 @@ class DOPD:
             "reverse_kl": reverse_kl(ls, lt),  # diagnostic: student vs teacher_full, full vocabulary
             "student_entropy": entropy(ls),
             "teacher_entropy": entropy(lt),
+            "self_kl": reverse_kl(ls, lp),
+            "self_entropy": entropy(lp),
         }
 
     # ------------------------------------------------------------ loss
