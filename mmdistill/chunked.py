@@ -64,9 +64,18 @@ def _chunks(weight: torch.Tensor, chunk_size: int):
         yield b[s : s + step], n[s : s + step]
 
 
+def _record(out: dict[str, torch.Tensor], shape: torch.Size, b: torch.Tensor, n: torch.Tensor,
+            values: dict[str, torch.Tensor]) -> None:
+    """Scatter one chunk's per-position diagnostics into [B, N] float32 maps (0 elsewhere)."""
+    for k, v in values.items():
+        if k not in out:
+            out[k] = torch.zeros(shape, dtype=torch.float32, device=v.device)
+        out[k][b, n] = v.detach().to(torch.float32)
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, chunk_size, n_targets, values_out, weight, student, *tensors):
+    def forward(ctx, fn, chunk_size, n_targets, values_out, diagnostics, diag_out, weight, student, *tensors):
         ctx.fn, ctx.chunk_size, ctx.n_targets = fn, chunk_size, n_targets
         ctx.save_for_backward(weight, student, *tensors)
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
@@ -76,6 +85,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             values = fn(*args)
             if values_out is not None:
                 values_out[b, n] = values.to(values_out.dtype)
+            if diagnostics is not None:
+                _record(diag_out, weight.shape, b, n, diagnostics(*args))
             total += (weight[b, n] * values).sum()
         return total
 
@@ -91,7 +102,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 value = (weight[b, n] * ctx.fn(*args)).sum()
             (g,) = torch.autograd.grad(value, x)
             grad[b, n] = (g * grad_out).to(grad.dtype)
-        return (None, None, None, None, None, grad, *([None] * len(tensors)))
+        return (None, None, None, None, None, None, None, grad, *([None] * len(tensors)))
 
 
 def token_loss(
@@ -102,6 +113,8 @@ def token_loss(
     extras: Sequence[torch.Tensor] = (),
     chunk_size: int | None = None,
     values_out: torch.Tensor | None = None,
+    diagnostics: Callable[..., dict[str, torch.Tensor]] | None = None,
+    diag_out: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """sum over positions of weight * fn(...), differentiable in `student` only.
 
@@ -111,8 +124,13 @@ def token_loss(
     whose memory is then bounded the same way and whose backward does not recompute); 0 computes everything at once with ordinary autograd (the
     naive path, kept for testing and benchmarks); > 0 is positions per chunk. values_out: an
     optional [B, N] tensor that receives fn's per-token values (no grad) where weight != 0, so
-    a method can split its loss for metrics without a second pass.
+    a method can split its loss for metrics without a second pass. diagnostics: an optional
+    function of the same arguments as fn, returning per-position values without gradient; they
+    are computed on the loss's own forward chunks (no second pass over the vocabulary) and
+    written into `diag_out` as [B, N] float32 maps, 0 where weight is 0 (see token_values).
     """
+    if (diagnostics is None) != (diag_out is None):
+        raise ValueError("diagnostics and diag_out go together")
     targets = [t.detach() for t in targets]
     auto = chunk_size is None
     chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])
@@ -126,8 +144,12 @@ def token_loss(
         values = fn(*args)
         if values_out is not None:
             values_out[b, n] = values.detach().to(values_out.dtype)
+        if diagnostics is not None:
+            with torch.no_grad():
+                _record(diag_out, weight.shape, b, n, diagnostics(*[a.detach() for a in args]))
         return (weight[b, n] * values).sum()
-    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), values_out, weight.detach(), student, *targets, *extras)
+    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), values_out, diagnostics, diag_out, weight.detach(), student,
+                                   *targets, *extras)
 
 
 @torch.no_grad()
@@ -144,8 +166,5 @@ def token_values(
     out: dict[str, torch.Tensor] = {}
     for b, n in _chunks(mask.to(torch.float32), chunk_size):
         args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
-        for k, v in fn(*args).items():
-            if k not in out:
-                out[k] = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            out[k][b, n] = v.to(torch.float32)
+        _record(out, mask.shape, b, n, fn(*args))
     return out

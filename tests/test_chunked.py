@@ -121,3 +121,32 @@ def test_automatic_chunks_keep_the_graph_only_when_one_chunk_holds_everything(mo
     ref.backward()
     for loss, grad in results.values():
         assert torch.allclose(loss, ref, atol=1e-10) and torch.allclose(grad, x.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [None, 0, 1, 3])
+def test_diagnostics_ride_on_the_loss_pass_and_equal_a_separate_pass(chunk):
+    """Diagnostics computed on the loss's own chunks equal token_values' separate pass, are 0 on
+    padding, carry no gradient, and leave the loss and its gradient unchanged."""
+    s, t, mask = data()
+    w = reduction_weights(mask)
+    diag_fn = lambda ls, lt: {"rkl": reverse_kl(ls, lt), "fkl": forward_kl(lt, ls)}
+    x = s.clone().requires_grad_(True)
+    diag = {}
+    loss = token_loss(reverse_kl, x, [t], w, chunk_size=chunk, diagnostics=diag_fn, diag_out=diag)
+    loss.backward()
+    y = s.clone().requires_grad_(True)
+    plain = token_loss(reverse_kl, y, [t], w, chunk_size=chunk)
+    plain.backward()
+    assert torch.equal(loss.detach(), plain.detach()) and torch.equal(x.grad, y.grad)
+    ref = token_values(diag_fn, s, [t], mask, chunk_size=chunk)
+    assert diag.keys() == ref.keys() == {"rkl", "fkl"}
+    for k in diag:
+        assert not diag[k].requires_grad and diag[k].dtype == torch.float32
+        torch.testing.assert_close(diag[k], ref[k])
+        assert (diag[k][~mask] == 0).all() and (diag[k][mask] != 0).all()
+
+
+def test_diagnostics_need_somewhere_to_go():
+    s, t, mask = data()
+    with pytest.raises(ValueError, match="diagnostics and diag_out go together"):
+        token_loss(reverse_kl, s, [t], reduction_weights(mask), diagnostics=lambda ls, lt: {})

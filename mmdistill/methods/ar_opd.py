@@ -44,7 +44,6 @@ from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import (
     reduction_weights,
     token_loss,
-    token_values,
 )
 from mmdistill.divergences import entropy, forward_kl, generalized_jsd
 from mmdistill.methods.base import (
@@ -183,6 +182,7 @@ class AROPD:
         partial = target_logits(views, "teacher_partial", s)
         kept = skip_mask(batch.response_mask, self.skip).to(s.device)
         weight = reduction_weights(kept, self.reduction).to(s.device)
-        loss = token_loss(self._per_token, s, [full, partial], weight, chunk_size=self.chunk_size)
-        diag = token_values(self._diagnostics, s.detach(), [full, partial], kept, chunk_size=self.chunk_size)
+        diag: dict[str, torch.Tensor] = {}
+        loss = token_loss(self._per_token, s, [full, partial], weight, chunk_size=self.chunk_size,
+                          diagnostics=self._diagnostics, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

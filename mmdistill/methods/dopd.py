@@ -23,10 +23,10 @@ usual reduction weights ((1/|y|) over each sequence, then the mean over the batc
 reduction="seq"), with no per-regime renormalisation. A regime switched off (`regimes`) keeps
 its tokens (routing and shares are unchanged) but they add nothing to the loss.
 
-Cost, all chunked (chunked.py): a no-grad pass gathers q_S, q_T and computes the diagnostics;
-the loss (one `token_loss` call) computes for each token only its own regime's term, with
-gradient into views["student"] only; a last no-grad pass recomputes those terms per regime
-for the loss_ht/lh/hs/ll metrics (the expensive JS only on the HT tokens, each time).
+Cost, all chunked (chunked.py): a no-grad pass gathers q_S, q_T and computes the diagnostics
+(routing needs the batch's q_S, q_T before any loss); the loss (one `token_loss` call) computes
+for each token only its own regime's term, with gradient into views["student"] only, and hands
+back each token's term for the loss_ht/lh/hs/ll metrics (`values_out`).
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import (
     reduction_weights,
     token_loss,
-    token_values,
 )
 from mmdistill.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
 from mmdistill.methods.base import (
@@ -78,8 +77,8 @@ class GKD:
         t = target_logits(views, self.target, s)
         mask = batch.response_mask.bool().to(s.device)
         weight = reduction_weights(mask, self.reduction).to(s.device)
-        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size)
-        diag = token_values(self._diagnostics, s.detach(), [t], mask, chunk_size=self.chunk_size)
+        diag: dict[str, torch.Tensor] = {}
+        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size, diagnostics=self._diagnostics, diag_out=diag)
         return loss, {
             "loss": float(loss.detach()),
             **weighted_means(diag, weight),

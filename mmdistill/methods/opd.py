@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import reduction_weights, token_loss, token_values
+from mmdistill.chunked import reduction_weights, token_loss
 from mmdistill.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
 from mmdistill.methods.base import (
     TARGETS,
@@ -75,6 +75,7 @@ class OPD:
         mask = batch.response_mask.bool()
         weight = reduction_weights(mask, self.reduction).to(s.device)
         ids = safe_ids(batch.response_ids, mask).to(s.device)
-        loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size)
-        diag = token_values(self._diagnostics, s.detach(), [t], mask.to(s.device), extras=[ids], chunk_size=self.chunk_size)
+        diag: dict[str, torch.Tensor] = {}
+        loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
+                          diagnostics=self._diagnostics, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import reduction_weights, token_loss, token_values
+from mmdistill.chunked import reduction_weights, token_loss
 from mmdistill.divergences import entropy
 from mmdistill.methods.base import (
     check_chunk_size,
@@ -36,7 +36,7 @@ class SFT:
         mask = batch.response_mask.bool()
         weight = reduction_weights(mask, self.reduction).to(s.device)
         ids = safe_ids(batch.response_ids, mask).to(s.device)
-        loss = token_loss(_nll, s, [], weight, extras=[ids], chunk_size=self.chunk_size)
-        diag = token_values(lambda ls, y: {"nll": _nll(ls, y), "student_entropy": entropy(ls)},
-                            s.detach(), [], mask.to(s.device), extras=[ids], chunk_size=self.chunk_size)
+        diag: dict[str, torch.Tensor] = {}
+        loss = token_loss(_nll, s, [], weight, extras=[ids], chunk_size=self.chunk_size,
+                          diagnostics=lambda ls, y: {"nll": _nll(ls, y), "student_entropy": entropy(ls)}, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
