@@ -121,8 +121,9 @@ def token_loss(
     student, targets: [B, N, V] logits; weight: [B, N] (see reduction_weights); extras:
     [B, N, ...]. Targets are treated as constants. chunk_size: None sizes chunks automatically
     (AUTO_CHUNK_ELEMENTS logits each; when the whole loss fits in one, it takes the naive path,
-    whose memory is then bounded the same way and whose backward does not recompute); 0 computes everything at once with ordinary autograd (the
-    naive path, kept for testing and benchmarks); > 0 is positions per chunk. values_out: an
+    whose memory is then bounded the same way and whose backward does not recompute); 0
+    computes everything at once with ordinary autograd (the naive path, kept for testing and
+    benchmarks); > 0 is positions per chunk. values_out: an
     optional [B, N] tensor that receives fn's per-token values (no grad) where weight != 0, so
     a method can split its loss for metrics without a second pass. diagnostics: an optional
     function of the same arguments as fn, returning per-position values without gradient; they
