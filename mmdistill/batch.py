@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-VIEWS = ("student", "student_priv", "teacher_full", "teacher_partial", "teacher_plain")
+VIEWS = ("student", "student_priv", "teacher_full", "teacher_partial", "teacher_plain", "student_init_priv")
 
 
 @dataclass

@@ -208,6 +208,7 @@ class DOPDConfig:
     threshold: str = "trimmed_mean"  # trimmed_mean | mean
     regimes: List[str] = field(default_factory=lambda: ["ht", "lh", "hs", "ll"])  # ablations drop some
     routing: str = "advantage"  # advantage (the paper) | shuffled (ablation: same shares, random tokens)
+    self_target: str = "live"  # live: the student reading p (the paper) | frozen: the initial student reading p
     reduction: str = "seq"
 
 
@@ -348,6 +349,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.dopd.topk_from": ("student", "teacher"),
     "method.dopd.threshold": ("trimmed_mean", "mean"),
     "method.dopd.routing": ("advantage", "shuffled"),
+    "method.dopd.self_target": ("live", "frozen"),
     "method.dopd.reduction": ("seq", "token"),
 }
 

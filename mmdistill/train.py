@@ -32,7 +32,7 @@ from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
 from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, no_sync, shard
-from mmdistill.teachers import Teacher
+from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
 
@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> Path:
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
+    # The initial student, frozen (view student_init_priv): built before any checkpoint is loaded.
+    init = frozen_copy(student) if "student_init_priv" in method.views else None
     if cfg.train.fsdp:
         student = shard(student, accelerator.mixed_precision, cfg.train.fsdp_reshard_after_forward)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
@@ -171,7 +173,8 @@ def train(cfg: DictConfig) -> Path:
             rollouts.log(step, batch)
             # Gradients sync across ranks on the last micro-batch only.
             with no_sync(accelerator, student) if i < cfg.train.grad_accum - 1 else nullcontext():
-                views = Views(adapter, batch, student, teacher.model if teacher else None, method.views, cfg.train.share_prefix)
+                views = Views(adapter, batch, student, teacher.model if teacher else None, method.views, cfg.train.share_prefix,
+                              init=init)
                 with timed(timing, "time_loss"):
                     loss, metrics = method.loss(views, batch)
                 if not torch.isfinite(loss):

@@ -17,8 +17,14 @@ VIEW_SPEC: dict[str, tuple[str, str | None]] = {
     "teacher_full": ("teacher", "full"),
     "teacher_partial": ("teacher", "partial"),
     "teacher_plain": ("teacher", None),
+    "student_init_priv": ("student_init", "full"),  # the initial student, frozen, reading p
 }
 assert tuple(VIEW_SPEC) == VIEWS
+
+
+def _prompts_of(policy: str) -> str:
+    """Whose processor renders a policy's prompts: the initial student is a student."""
+    return "teacher" if policy == "teacher" else "student"
 
 
 class Views(Mapping):
@@ -26,11 +32,12 @@ class Views(Mapping):
     log-probs: methods apply log_softmax); only "student" is scored with gradient.
 
     `wanted` names the views the method will read (its `views`): those of one model are scored
-    together on the first read, over the prompt prefix they share (prefix_cache.py)."""
+    together on the first read, over the prompt prefix they share (prefix_cache.py). `init` is
+    the frozen copy of the initial student, for the views of policy "student_init"."""
 
     def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 wanted: tuple[str, ...] = (), share_prefix: bool = True):
-        self.adapter, self.batch, self.student, self.teacher = adapter, batch, student, teacher
+                 wanted: tuple[str, ...] = (), share_prefix: bool = True, init: torch.nn.Module | None = None):
+        self.adapter, self.batch, self.student, self.teacher, self.init = adapter, batch, student, teacher, init
         self.wanted, self.share_prefix = tuple(wanted), share_prefix
         self._cache: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
@@ -40,19 +47,21 @@ class Views(Mapping):
             raise KeyError(f"unknown view '{name}'; views: {', '.join(VIEW_SPEC)}")
         if name not in self._cache:
             policy = VIEW_SPEC[name][0]
-            model = self.student if policy == "student" else self.teacher
+            model = {"student": self.student, "teacher": self.teacher, "student_init": self.init}[policy]
             if model is None:
-                raise ValueError(f"view '{name}' needs a teacher, and this run has none")
+                needs = "a teacher" if policy == "teacher" else "a frozen copy of the initial student (Views(init=...))"
+                raise ValueError(f"view '{name}' needs {needs}, and this run has none")
             group = [name] + [v for v in self.wanted if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
             if not (self.share_prefix and self._score_shared(model, policy, group)):
                 t0 = time.perf_counter()
-                self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"), policy=policy)
+                self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"),
+                                                        policy=_prompts_of(policy))
                 self.seconds[name] = time.perf_counter() - t0
         return self._cache[name]
 
     def _score_shared(self, model: torch.nn.Module, policy: str, group: list[str]) -> bool:
         logits, seconds = score_views(self.adapter, model, self.batch, [VIEW_SPEC[v][1] for v in group],
-                                      [v == "student" for v in group], policy)
+                                      [v == "student" for v in group], _prompts_of(policy))
         if logits is None:
             return False
         self.seconds[f"{policy}_prefix"] = seconds["prefix"]

@@ -544,3 +544,30 @@ def test_rejects_misaligned_views():
     zs, zp, zt, ids = make_case(11)
     with pytest.raises(ValueError):
         DOPD().loss({"student": zs, "student_priv": zp[:, :-1], "teacher_full": zt}, batch_of(ids))
+
+
+def test_a_frozen_self_target_reads_the_initial_students_view():
+    """self_target=frozen takes q_S and the HS/LL targets from student_init_priv, and only from
+    it: the same numbers as the paper's DOPD given that tensor as student_priv, whatever
+    student_priv holds."""
+    zs, zp, zt, ids = make_case(1)
+    frozen = DOPD(topk=3, self_target="frozen")
+    assert frozen.views == ("student", "student_init_priv", "teacher_full")
+    assert DOPD(topk=3).views == ("student", "student_priv", "teacher_full")
+    ref_loss, ref_metrics, ref_s, *_ = run(DOPD(topk=3), zs, zp, zt, ids)
+    s, p, t = (z.clone().requires_grad_(True) for z in (zs, zp, zt))
+    views = {"student": s, "student_init_priv": p, "teacher_full": t, "student_priv": torch.full_like(zp, float("nan"))}
+    loss, metrics = frozen.loss(views, batch_of(ids, MASK))
+    loss.backward()
+    assert loss.detach() == ref_loss and metrics == ref_metrics
+    torch.testing.assert_close(s.grad, ref_s.grad, rtol=0, atol=0)
+    assert p.grad is None
+    with pytest.raises(ValueError, match="self_target must be one of"):
+        DOPD(self_target="ema")
+
+
+def test_views_name_what_the_frozen_self_target_needs():
+    from mmdistill.views import Views
+
+    with pytest.raises(ValueError, match="view 'student_init_priv' needs a frozen copy of the initial student"):
+        Views(None, None, torch.nn.Linear(1, 1), None)["student_init_priv"]

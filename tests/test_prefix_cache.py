@@ -14,6 +14,7 @@ from mmdistill.config import load_config
 from mmdistill.models import load_model, load_tokenizer
 from mmdistill.prefix_cache import can_share, score_views, shared_lengths
 from mmdistill.tasks.arith import make_samples
+from mmdistill.teachers import frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
 ALL = tuple(VIEW_SPEC)
@@ -75,14 +76,16 @@ def grads(student, logits, mask):
 
 def test_shared_views_equal_views_scored_alone(setup):
     adapter, student, teacher, batch = setup
-    shared = Views(adapter, batch, student, teacher, ALL)
-    alone = Views(adapter, batch, student, teacher, ALL, share_prefix=False)
+    init = frozen_copy(student)  # the initial student: equal to the student until it trains
+    shared = Views(adapter, batch, student, teacher, ALL, init=init)
+    alone = Views(adapter, batch, student, teacher, ALL, share_prefix=False, init=init)
     m = batch.response_mask
     for name in ALL:
         a, b = shared[name], alone[name]
         assert a.shape == b.shape
         assert a.requires_grad == b.requires_grad == (name == "student")
         assert torch.allclose(a[m], b[m], atol=1e-5), name
+    assert torch.allclose(shared["student_init_priv"][m], shared["student_priv"][m], atol=1e-5)
     assert not adapter.has_images(batch.samples)
     assert {"student_prefix", "teacher_prefix"} <= set(shared.seconds)  # the cache was really used
     assert "student_prefix" not in alone.seconds

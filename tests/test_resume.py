@@ -104,3 +104,27 @@ def test_resume_none_on_a_run_with_checkpoints_fails_clearly(runs):
     assert (full / "metrics.jsonl").read_text() == before
     assert (full / "config.yaml").read_text() == config_before
     assert [p.name for p in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
+
+
+def test_dopds_frozen_self_target_is_the_initial_student_even_after_a_resume(tmp_path):
+    """method.dopd.self_target=frozen scores q_S and the HS/LL targets with the initial student:
+    at step 1 that is the live student (identical numbers), later it is not; and a resume rebuilds
+    it from the initial weights, not from the checkpoint (steps 3-4 exactly as uninterrupted)."""
+    dopd = ["method.name=dopd", "train.share_prefix=false"]  # both score student_priv alone: exact equality at step 1
+    live, frozen = tmp_path / "live", tmp_path / "frozen"
+    for out, target in ((live, "live"), (frozen, "frozen")):
+        r = train(*dopd, f"method.dopd.self_target={target}", f"train.output_dir={out}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = rows(live), rows(frozen)
+    for key in ("loss", "self_kl", "share_hs", "share_ht"):
+        assert a[0][key] == b[0][key], key  # step 1: the initial student is the student
+    assert a[-1]["self_kl"] != b[-1]["self_kl"]  # step 4: they have parted
+    resumed = tmp_path / "resumed"
+    shutil.copytree(frozen, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    r = train(*dopd, "method.dopd.self_target=frozen", f"train.output_dir={resumed}", "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = {row["step"]: row for row in rows(resumed)}
+    for step in (3, 4):
+        for key in (*DETERMINISTIC, "self_kl"):
+            assert b[step - 1][key] == c[step][key], (step, key)

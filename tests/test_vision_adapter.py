@@ -94,12 +94,13 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
     torch.manual_seed(1)
     batch = ad.rollout(student, samples, rollout_cfg())
     assert batch.response_ids.shape[0] == len(samples)
-    views = Views(ad, batch, student, teacher, tuple(VIEW_SPEC))
+    views = Views(ad, batch, student, teacher, tuple(VIEW_SPEC), init=student)  # the initial student: the student, untrained
     shape = (*batch.response_ids.shape, ad.vocab_size)
     for view in VIEW_SPEC:
         with torch.no_grad() if view != "student" else torch.enable_grad():
             assert views[view].shape == shape, view
             assert views[view].requires_grad == (view == "student"), view
+    torch.testing.assert_close(views["student_init_priv"], views["student_priv"])
     assert ad.has_images(batch.samples)  # caught before any prompt is encoded for a shared cache
     assert not any(k.endswith("_prefix") for k in views.seconds)  # image prompts are scored view by view
     assert not torch.allclose(views["teacher_full"], views["teacher_plain"])  # the boxes reach the teacher

@@ -55,6 +55,8 @@ HT, LH, HS, LL = 0, 1, 2, 3
 REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
 ROUTINGS = ("advantage", "shuffled")
+# The self target of HS/LL: the live student reading p (the paper), or the initial student, frozen.
+SELF_TARGETS = {"live": "student_priv", "frozen": "student_init_priv"}
 # Kinds of term, in the order of the per-token weight extras [B, N, 3]:
 # JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
 TERMS = ("js_teacher", "topk_teacher", "topk_self")
@@ -176,7 +178,11 @@ class DOPD:
     (of pi_S(.|x), both sides renormalised on them) or "teacher" (of the target side: teacher_full
     for LH, student_priv for HS/LL). trim, threshold: see `route`. regimes: the regimes that
     contribute (ablation: a regime left out adds nothing). chunk_size: see chunked.token_loss
-    (None = automatic).
+    (None = automatic). self_target: "live" (the paper: sg pi_S(.|x,p) of the current student,
+    view student_priv) or "frozen" (not in the paper: the initial student reading p, view
+    student_init_priv). It is also where q_S comes from. With the live target, a student can
+    satisfy HS and LL by ceasing to read p, after which no term corrects its HS tokens (README
+    "Scenes experiments"); a frozen target cannot follow the student there.
     """
 
     name = "dopd"
@@ -196,6 +202,7 @@ class DOPD:
         w_ht: float = 1.0,
         regimes=REGIMES,
         routing: str = "advantage",
+        self_target: str = "live",
     ):
         self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
@@ -206,6 +213,8 @@ class DOPD:
         self.reduction = check_reduction(reduction)
         self.regimes = _regimes(regimes)
         self.routing = choice("routing", routing, ROUTINGS)
+        self.self_view = SELF_TARGETS[choice("self_target", self_target, tuple(SELF_TARGETS))]
+        self.views = ("student", self.self_view, "teacher_full")
         self.chunk_size = check_chunk_size(chunk_size)
 
     # ------------------------------------------------------------ per-regime weights
@@ -263,7 +272,7 @@ class DOPD:
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
         t = target_logits(views, "teacher_full", s)
-        p = target_logits(views, "student_priv", s)  # stop-gradient: the student's own privileged view
+        p = target_logits(views, self.self_view, s)  # stop-gradient: the student's own privileged view
         mask = batch.response_mask.bool().to(s.device)
         weight = reduction_weights(mask, self.reduction).to(s.device)
         ids = safe_ids(batch.response_ids.to(s.device), mask)
