@@ -1,8 +1,10 @@
 """README's set-up commands are the ones CI runs, and the shipped assets are what README says."""
 import re
 
+import pytest
+
 from mmdistill.config import REPO_ROOT, load_config
-from mmdistill.models import check_same_vocab, load_model, load_tokenizer
+from mmdistill.models import check_same_vocab, load, load_tokenizer
 
 README = (REPO_ROOT / "README.md").read_text()
 CI = (REPO_ROOT / ".ci" / "run").read_text()
@@ -29,14 +31,18 @@ def test_ci_installs_and_tests_exactly_as_readme_says():
     assert ci_lines[-1] == steps[-1]  # the test command is the last thing CI runs
 
 
-def test_shipped_assets_load_and_share_the_vocabulary():
-    cfg = load_config("default")
-    tok = load_tokenizer(cfg.student)
-    teacher_tok = load_tokenizer(cfg.teacher.model)
+@pytest.mark.parametrize("config, ratio", [("default", 5), ("arith_opd", 5)])
+def test_shipped_assets_load_and_share_the_vocabulary(config, ratio):
+    """The default (scenes VLMs) and the text demo's pairs: one vocabulary (assets/tokenizer's,
+    plus the image token for the VLMs), and a teacher much larger than its student."""
+    cfg = load_config(config)
+    student, proc = load(cfg.student)
+    teacher, teacher_proc = load(cfg.teacher.model)
+    tok, teacher_tok = (getattr(p, "tokenizer", p) for p in (proc, teacher_proc))
     check_same_vocab(tok, teacher_tok, "shipped assets")
-    check_same_vocab(tok, load_tokenizer(load_config(None).student), "assets/tokenizer")
-    student = load_model(cfg.student, tok)
-    teacher = load_model(cfg.teacher.model, teacher_tok)
+    base = load_tokenizer(load_config(None).student).get_vocab()
+    extra = {k: v for k, v in tok.get_vocab().items() if base.get(k) != v}
+    assert extra == ({"<image>": len(base)} if config == "default" else {})
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
-    assert n_t > 5 * n_s  # the teacher is much larger than the student
+    assert n_t > ratio * n_s
