@@ -43,6 +43,17 @@ def forward_kl(lp_t: torch.Tensor, lp_s: torch.Tensor) -> torch.Tensor:
     return _kl(lp_t, lp_s)
 
 
+def entropy_and_reverse_kls(lp_s: torch.Tensor, lp_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(entropy(lp_s), [reverse_kl(lp_s, t) for t in lp_targets]) with p_s exponentiated once:
+    the same sums as the separate functions, for diagnostics over the full vocabulary."""
+    absent = _absent(lp_s)
+    a = lp_s.masked_fill(absent, 0.0)
+    p = a.exp()
+    zero = torch.zeros_like(a)
+    h = -torch.where(absent, zero, p * a).sum(-1)
+    return h, [torch.where(absent, zero, p * (a - t)).sum(-1) for t in lp_targets]
+
+
 def entropy(lp: torch.Tensor) -> torch.Tensor:
     """Shannon entropy in nats; zeros contribute 0 (the p log p -> 0 limit)."""
     absent = _absent(lp)

@@ -496,3 +496,27 @@ def test_masked_mean_validates():
         D.masked_mean(x, x.bool(), "batch")
     with pytest.raises(ValueError):
         D.masked_mean(x, torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_entropy_and_reverse_kls_equal_the_separate_functions_with_zeros_on_either_side():
+    """One exponentiation of p_s, the same numbers as entropy() and reverse_kl(); -inf entries
+    (exact zeros) on the student side add 0, on the target side where p_s > 0 give +inf."""
+    from mmdistill.divergences import entropy_and_reverse_kls
+
+    g = torch.Generator().manual_seed(3)
+    ls = torch.randn(4, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    ls[0, 2] = float("-inf")
+    ls[0] = ls[0].log_softmax(-1)
+    lt = torch.randn(4, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    lt[0, 2] = float("-inf")  # zero on both sides: adds 0
+    lt[1, 3] = float("-inf")  # zero only on the target side: +inf
+    lt = lt.log_softmax(-1)
+    lp = torch.randn(4, 7, generator=g, dtype=torch.float64).log_softmax(-1)
+    h, (kl_t, kl_p) = entropy_and_reverse_kls(ls, [lt, lp])
+    torch.testing.assert_close(h, D.entropy(ls))
+    torch.testing.assert_close(kl_t, D.reverse_kl(ls, lt))
+    torch.testing.assert_close(kl_p, D.reverse_kl(ls, lp))
+    brute = [sum(float(ls[r, v].exp()) * (float(ls[r, v]) - float(lp[r, v])) for v in range(7) if ls[r, v] > float("-inf"))
+             for r in range(4)]
+    torch.testing.assert_close(kl_p, torch.tensor(brute, dtype=torch.float64))
+    assert math.isinf(kl_t[1]) and math.isfinite(kl_t[0]) and not torch.isnan(torch.stack([h, kl_t, kl_p])).any()

@@ -36,7 +36,7 @@ import torch
 
 from mmdistill.batch import Batch, ViewLogits
 from mmdistill.chunked import reduction_weights, token_loss, token_values
-from mmdistill.divergences import entropy, js, reverse_kl, topk_reverse_kl
+from mmdistill.divergences import entropy, entropy_and_reverse_kls, js, topk_reverse_kl
 from mmdistill.methods.base import (
     TOPK_FROM,
     check_chunk_size,
@@ -257,13 +257,14 @@ class DOPD:
         return a + b + c
 
     def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        h_s, (kl_t, kl_p) = entropy_and_reverse_kls(ls, [lt, lp])
         return {
             "log_qs": gather_at(lp, ids),
             "log_qt": gather_at(lt, ids),
-            "reverse_kl": reverse_kl(ls, lt),  # diagnostic: student vs teacher_full, full vocabulary
-            "student_entropy": entropy(ls),
+            "reverse_kl": kl_t,  # diagnostic: student vs teacher_full, full vocabulary
+            "student_entropy": h_s,
             "teacher_entropy": entropy(lt),
-            "self_kl": reverse_kl(ls, lp),
+            "self_kl": kl_p,
             "self_entropy": entropy(lp),
         }
 
