@@ -108,8 +108,11 @@ def train(cfg: DictConfig) -> Path:
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
-    # The initial student, frozen (view student_init_priv): built before any checkpoint is loaded.
-    init = frozen_copy(student) if "student_init_priv" in method.views else None
+    # The initial student, frozen (view student_init_priv): built before any checkpoint is loaded;
+    # a frozen_student teacher already is one.
+    init = None
+    if "student_init_priv" in method.views:
+        init = teacher.model if teacher is not None and teacher.mode == "frozen_student" else frozen_copy(student)
     if cfg.train.fsdp:
         student = shard(student, accelerator.mixed_precision, cfg.train.fsdp_reshard_after_forward)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
