@@ -30,7 +30,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
-    launcher = None if args.no_launch else _default_launch()
+    try:
+        launcher = None if args.no_launch else _default_launch()
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
     if launcher is not None:
         print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)", file=sys.stderr)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
@@ -62,7 +66,11 @@ def _default_launch() -> str | None:
 
     if not os.path.isfile(default_config_file):
         return None
-    found = load_config_from_file(default_config_file)
+    try:
+        found = load_config_from_file(default_config_file)
+    except Exception as exc:  # accelerate raises whatever its yaml/json/dataclass parsing raises
+        why = " ".join(str(exc).split())  # yaml's messages span lines
+        raise ConfigError(f"accelerate's default config {default_config_file}: {why} (mmdistill train --no-launch ignores it)") from None
     kind = str(getattr(found.distributed_type, "value", found.distributed_type))
     if (found.num_processes or 1) > 1 or kind in ("FSDP", "DEEPSPEED"):
         return default_config_file

@@ -80,6 +80,7 @@ def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunche
     import accelerate.commands.config as accel_config
 
     from mmdistill.cli import _default_launch
+    from mmdistill.config import ConfigError
 
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -93,6 +94,11 @@ def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunche
     assert _default_launch() == str(path)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _default_launch() is None  # already launched
+    monkeypatch.delenv("LOCAL_RANK")
+    path.write_text("distributed_type: [unclosed\n")
+    with pytest.raises(ConfigError, match="accelerate's default config .*default_config.yaml: .*--no-launch ignores it") as err:
+        _default_launch()
+    assert "\n" not in str(err.value)
 
 
 def test_an_unsupported_accelerate_config_is_one_line_at_the_cli(monkeypatch, capsys):
