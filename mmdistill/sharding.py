@@ -36,14 +36,13 @@ def synced_generation(model: torch.nn.Module) -> bool:
     return is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# accelerate's sharding strategies (names or their FSDP1 enum numbers) -> FSDP2's reshard_after_forward.
-STRATEGIES = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
+# FSDP1's sharding strategies, in the order of their enum numbers (1-5), which configs may use instead.
+STRATEGY_NAMES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
+# accelerate's fsdp_reshard_after_forward (FSDP2) or strategy name (FSDP1) -> FSDP2's reshard_after_forward.
+RESHARD = {"TRUE": True, "FALSE": False, "FULL_SHARD": True, "SHARD_GRAD_OP": False}
 REFUSED = {"NO_SHARD": "nothing is sharded: use configs/accelerate/ddp.yaml",
-           "3": "nothing is sharded: use configs/accelerate/ddp.yaml",
            "HYBRID_SHARD": "hybrid (per-node) sharding is not supported",
-           "4": "hybrid (per-node) sharding is not supported",
-           "HYBRID_SHARD_ZERO2": "hybrid (per-node) sharding is not supported",
-           "5": "hybrid (per-node) sharding is not supported"}
+           "HYBRID_SHARD_ZERO2": "hybrid (per-node) sharding is not supported"}
 
 
 def _flag(environ: Mapping[str, str], key: str) -> bool:
@@ -70,14 +69,13 @@ def launcher_fsdp(environ: Mapping[str, str]) -> dict | None:
     reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().upper()
     if version == "1" and reshard in ("TRUE", "FALSE"):  # FSDP1 configs name a strategy; the older key wins when the new one holds none
         reshard = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+    if reshard.isdigit() and 1 <= int(reshard) <= len(STRATEGY_NAMES):
+        reshard = STRATEGY_NAMES[int(reshard) - 1]
     if reshard in REFUSED:
         raise ValueError(f"accelerate config fsdp_reshard_after_forward/fsdp_sharding_strategy={reshard}: {REFUSED[reshard]}")
-    if reshard in ("TRUE", "FALSE"):
-        after_forward = reshard == "TRUE"
-    elif reshard in STRATEGIES:
-        after_forward = STRATEGIES[reshard]
-    else:
+    if reshard not in RESHARD:
         raise ValueError(f"accelerate config fsdp_reshard_after_forward={reshard!r}: expected true, false, FULL_SHARD or SHARD_GRAD_OP")
+    after_forward = RESHARD[reshard]
     if _flag(environ, "FSDP_OFFLOAD_PARAMS"):
         raise ValueError("accelerate config fsdp_offload_params=true: CPU offload is not supported; set it to false")
     return {"reshard_after_forward": after_forward, "gradient_checkpointing": _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING")}
