@@ -126,3 +126,10 @@ def check_same_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrain
         f"teacher/student vocab mismatch ({where}): student has {len(sv)} tokens, teacher {len(tv)}; "
         f"first student entries the teacher lacks: {only_s}"
     )
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, under transformers' newer name where the
+    model has it (5.x warns on the old one)."""
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_{'enable' if on else 'disable'}")()

@@ -30,7 +30,7 @@ from mmdistill.data import StagedStream, load_split, stages_of
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
-from mmdistill.models import check_same_vocab, load, max_positions, tokenizer_of
+from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, no_sync, shard
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> Path:
 
     student, proc = load(cfg.student, seed=cfg.train.seed)
     if cfg.train.gradient_checkpointing:
-        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()  # newer name where it exists
+        set_checkpointing(student, True)
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from mmdistill.adapters.text import TextAdapter
 from mmdistill.batch import Batch
 from mmdistill.config import load_config
-from mmdistill.models import load_model, load_tokenizer
+from mmdistill.models import load_model, load_tokenizer, set_checkpointing
 from mmdistill.prefix_cache import can_share, score_views, shared_lengths
 from mmdistill.tasks.arith import make_samples
 from mmdistill.teachers import frozen_copy
@@ -121,7 +121,7 @@ def test_reading_a_view_scores_its_model_group_once(setup):
 def test_models_that_cannot_share_fall_back(setup):
     adapter, student, teacher, batch = setup
     assert can_share(teacher, grad=False) and can_share(student, grad=True)
-    (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
+    set_checkpointing(student, True)
     try:
         student.train()
         assert not can_share(student, grad=True)  # HF drops the cache under checkpointing
@@ -129,7 +129,7 @@ def test_models_that_cannot_share_fall_back(setup):
         views["student"]
         assert "student_prefix" not in views.seconds
     finally:
-        (getattr(student, "activation_checkpointing_disable", None) or student.gradient_checkpointing_disable)()
+        set_checkpointing(student, False)
     assert score_views(adapter, teacher, batch, ["full"], [False], "teacher") == (None, {})  # one view: nothing to share
 
 
