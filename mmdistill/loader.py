@@ -107,8 +107,10 @@ class ShardStream:
         self._fresh = skip == 0  # nothing handed out yet in this epoch
 
     def next(self) -> list[dict]:
-        """The next batch; StopIteration after `epochs` epochs (0 = never)."""
+        """The next batch; StopIteration after `epochs` epochs (0 = never), and on every call after."""
         while True:
+            if self.epochs and self.epoch >= self.epochs:
+                raise StopIteration
             if self._it is None:
                 self._start(self.epoch, self.batches)
             try:
@@ -121,8 +123,6 @@ class ShardStream:
                         + (f"; {self.bad_samples} bad sample(s) skipped" if self.bad_samples else "")
                     ) from None
                 self.epoch, self.batches, self._it = self.epoch + 1, 0, None
-                if self.epochs and self.epoch >= self.epochs:
-                    raise StopIteration from None
                 continue
             self.batches += 1
             for s in batch:

@@ -58,6 +58,19 @@ def test_order_is_seeded_and_epochs_reshuffle(shards):
     assert sorted(a[:40]) == sorted(a[40:]) and a[:40] != a[40:]  # every sample once per epoch, a new order
 
 
+def test_a_finished_stream_stays_finished(shards):
+    """After its epochs, every further call ends too (a training step may ask again), also after a resume."""
+    stream = ShardStream(shards, 4, seed=0, epochs=1)
+    assert len(drain(stream)) == 40
+    for _ in range(2):
+        with pytest.raises(StopIteration):
+            stream.next()
+    again = ShardStream(shards, 4, seed=0, epochs=1)
+    again.load_state_dict(stream.state_dict())
+    with pytest.raises(StopIteration):
+        again.next()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_exactly(shards, num_workers):
     def make():
