@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
-from mmdistill.sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_optimizer_state, load_full_state_dict
+from mmdistill import zero
+from mmdistill.sharding import (full_optimizer_state, full_state_dict, is_sharded, load_full_optimizer_state,
+                                load_full_state_dict, tied_names, untied_state_dict)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -58,16 +60,20 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     barrier()
     model = accelerator.unwrap_model(student) if accelerator else student
     sharded = is_sharded(model)
+    partitioned = accelerator is not None and zero.uses_deepspeed(accelerator)
     if sharded:  # gathered whole (every rank takes part), written by the main process like any other
         weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
+    if partitioned:  # ZeRO: each rank writes its own optimizer partition
+        zero.save_optimizer(tmp, optimizer, rank)
+        optim = None
     if main:
         if sharded:
             save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
         else:
-            save_model(model, str(tmp / "student.safetensors"))
-            optim = optimizer.state_dict()
+            save_file(untied_state_dict(model), str(tmp / "student.safetensors"), metadata={"format": "pt"})
+            optim = None if partitioned else optimizer.state_dict()
         if teacher is not None and teacher.owns_weights:
-            save_model(teacher.model, str(tmp / "teacher.safetensors"))
+            save_file(untied_state_dict(teacher.model), str(tmp / "teacher.safetensors"), metadata={"format": "pt"})
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     torch.save({"step": step, "rank": rank, "data": stream.state_dict(), "rng": rng_state()}, _rank_file(tmp, rank))
     barrier()
@@ -104,7 +110,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _load_weights(model, file: Path) -> None:
-    missing, unexpected = load_model(model, str(file), strict=False)
+    """Copied into the model's own tensors (under DeepSpeed, views of its flat buffers); the
+    file holds each tied weight once."""
+    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    missing = [n for n in missing if n not in tied_names(model)]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {file}: weights do not match the model "
@@ -123,7 +132,13 @@ def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, strea
     if is_sharded(model):
         load_full_state_dict(model, load_file(str(path / "student.safetensors")))
         load_full_optimizer_state(model, optimizer, state["optimizer"])
+    elif accelerator is not None and zero.uses_deepspeed(accelerator):
+        _load_weights(model, path / "student.safetensors")
+        zero.load_optimizer(path, optimizer, rank, accelerator.num_processes)
     else:
+        if state["optimizer"] is None:
+            raise ValueError(f"checkpoint {path} was written under DeepSpeed ZeRO (per-rank optimizer partitions); "
+                             "resume it with the same DeepSpeed launch")
         _load_weights(model, path / "student.safetensors")
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         train(cfg)
-    except FileExistsError as exc:  # a finished run's directory: say so in one line
+    except (FileExistsError, ConfigError) as exc:  # a finished run's directory, a launch it cannot honour: one line
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
     return 0

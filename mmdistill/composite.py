@@ -32,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mmdistill.sharding import untied_state_dict
+
 IMAGE_TOKEN = "<image>"
 MODEL_TYPE = "mmdistill_composite"
 PROCESSOR_FILE = "composite_processor.json"
@@ -279,12 +281,13 @@ class CompositeVLM(nn.Module):
             **kwargs,
         )
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         saved = {**self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch.")}
         (directory / "config.json").write_text(json.dumps(saved, indent=2))
-        safetensors.torch.save_model(self, str(directory / "model.safetensors"))
+        weights = untied_state_dict(self) if state_dict is None else state_dict
+        safetensors.torch.save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "CompositeVLM":

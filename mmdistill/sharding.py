@@ -58,11 +58,8 @@ def launcher_fsdp(environ: Mapping[str, str]) -> dict | None:
     unsharded data-parallel, and its FSDP1 form needs a GPU to exist. mmdistill shards with FSDP2
     whichever `fsdp_version` the file names: FULL_SHARD is reshard_after_forward=true,
     SHARD_GRAD_OP is false. What it cannot honour (parameter offload, NO_SHARD, hybrid sharding)
-    is refused rather than ignored. DeepSpeed launches are refused here too, for the same reason.
+    is refused rather than ignored. (DeepSpeed launches are zero.py's.)
     """
-    if _flag(environ, "ACCELERATE_USE_DEEPSPEED"):
-        raise NotImplementedError("accelerate config: DeepSpeed is not supported; use configs/accelerate/fsdp.yaml "
-                                  "(or train.fsdp=true) to shard the student")
     if not _flag(environ, "ACCELERATE_USE_FSDP"):
         return None
     version = environ.get("FSDP_VERSION", "1").strip()
@@ -121,6 +118,19 @@ def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[st
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """The second and later names of each tied weight (an LM head tied to the embedding)."""
+    first: dict[int, str] = {}
+    return {n for n, t in model.state_dict(keep_vars=True).items() if first.setdefault(id(t), n) != n}
+
+
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each weight once, under its first name, copied to the CPU: safetensors refuses tensors
+    that share storage, as tied embeddings do, and as all of DeepSpeed's flattened parameters do."""
+    tied = tied_names(model)
+    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n not in tied}
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

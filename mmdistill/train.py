@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,13 +25,14 @@ from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import build_adapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from mmdistill.config import method_options, save_config
+from mmdistill.config import ConfigError, method_options, save_config
 from mmdistill.data import StagedStream, load_split, stages_of
 from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
-from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, no_sync, shard
+from mmdistill import zero
+from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -90,10 +91,15 @@ def train(cfg: DictConfig) -> Path:
         cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing or from_file["gradient_checkpointing"]
     # Without an accelerator device, processes started by `accelerate launch`/torchrun train
     # data-parallel on the CPU (gloo) instead of each believing it is alone.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):  # launched some other way
-        raise NotImplementedError(f"{accelerator.distributed_type.value}: accelerate's own wrapping is not used; launch with "
+    deepspeed = zero.launched(os.environ)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **zero.accelerator_options(deepspeed))
+    if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
+        raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
                                   "configs/accelerate/fsdp.yaml or set train.fsdp=true")
+    if zero.uses_deepspeed(accelerator):
+        if cfg.train.fsdp:
+            raise ConfigError("train.fsdp=true and a DeepSpeed launch: choose one (configs/accelerate/fsdp.yaml or a DeepSpeed one)")
+        zero.configure(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
     if cfg.train.fsdp and accelerator.num_processes < 2:
         raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
@@ -127,9 +133,9 @@ def train(cfg: DictConfig) -> Path:
         [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
-    # The student is wrapped for gradient sync (DDP) or sharded (FSDP2, which syncs itself); the
-    # frozen teacher never is: it stays whole on every device, in eval mode. The scheduler steps
-    # once per optimizer step, by us.
+    # The student is wrapped for gradient sync (DDP, or DeepSpeed's engine) or sharded (FSDP2,
+    # which syncs itself); the frozen teacher never is: it stays whole on every device, in eval
+    # mode. The scheduler steps once per optimizer step, by us.
     if cfg.train.fsdp:
         optimizer = accelerator.prepare(optimizer)
     else:
@@ -164,18 +170,18 @@ def train(cfg: DictConfig) -> Path:
         t0 = time.perf_counter()
         parts: dict[str, float] = {}
         timing: dict[str, float] = {}
-        tokens, lengths, micro = 0, [], 0
-        for i in range(cfg.train.grad_accum):
+        tokens, lengths = 0, []
+        micro_batches = []  # fetched first, so the last micro-batch is known: it syncs the gradients
+        for _ in range(cfg.train.grad_accum):
             try:
-                samples = stream.next()
+                micro_batches.append(stream.next())
             except StopIteration:  # data.epochs passes are done
                 break
-            micro += 1
+        for i, samples in enumerate(micro_batches):
             with timed(timing, "time_rollout"):
                 batch = adapter.rollout(plain, samples, cfg.rollout) if draw_on_policy(method) else adapter.oracle_batch(samples)
             rollouts.log(step, batch)
-            # Gradients sync across ranks on the last micro-batch only.
-            with no_sync(accelerator, student) if i < cfg.train.grad_accum - 1 else nullcontext():
+            with zero.micro_batch(accelerator, student, last=i == len(micro_batches) - 1):
                 views = Views(adapter, batch, student, teacher.model if teacher else None, method.views, cfg.train.share_prefix,
                               init=init)
                 with timed(timing, "time_loss"):
@@ -183,25 +189,23 @@ def train(cfg: DictConfig) -> Path:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: loss is {loss.item()} (metrics {metrics})")
                 with timed(timing, "time_backward"):
-                    accelerator.backward(loss / cfg.train.grad_accum)
+                    zero.backward(accelerator, student, loss / len(micro_batches))
             for name, seconds in views.seconds.items():
                 timing[f"time_view_{name}"] = timing.get(f"time_view_{name}", 0.0) + seconds
             timing["time_loss"] -= sum(views.seconds.values())  # the loss proper, without the views' forwards
             for k, v in metrics.items():
-                parts[k] = parts.get(k, 0.0) + v / cfg.train.grad_accum
+                parts[k] = parts.get(k, 0.0) + v / len(micro_batches)
             tokens += batch.num_tokens
             lengths += batch.response_mask.sum(1).tolist()
-        if micro == 0:
+        if not micro_batches:
             step -= 1
             accelerator.print(f"data exhausted after {cfg.data.epochs} epoch(s); stopping at step {step}")
             break
         with timed(timing, "time_optimizer"):
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), clip)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            grad_norm = zero.optimizer_step(accelerator, student, optimizer, clip)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             if teacher is not None:
                 teacher.update(plain)
 
@@ -238,6 +242,8 @@ def train(cfg: DictConfig) -> Path:
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
+    if zero.uses_deepspeed(accelerator):
+        weights = untied_state_dict(plain)  # standalone copies of DeepSpeed's flat buffers
     if accelerator.is_main_process:
         save_pretrained(plain, final, weights)
         proc.save_pretrained(final)
@@ -265,12 +271,12 @@ def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) ->
 
 
 def save_pretrained(model: torch.nn.Module, directory: Path, weights: dict[str, torch.Tensor] | None) -> None:
-    """The student as a loadable model directory; `weights`: a sharded model's gathered ones."""
+    """The student as a loadable model directory; `weights`: a sharded model's gathered ones,
+    or a DeepSpeed student's copies."""
     if weights is None:
         model.save_pretrained(directory)
         return
-    first: dict[int, str] = {}
-    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n]
+    tied = tied_names(model)
     model.save_pretrained(directory, state_dict={k: v for k, v in weights.items() if k not in tied})
     config = json.loads((directory / "config.json").read_text())  # FSDP2 renames the class to FSDP<Name>
     config["architectures"] = [a.removeprefix("FSDP") for a in config.get("architectures") or []]

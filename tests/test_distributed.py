@@ -265,3 +265,108 @@ def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
     assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in rows(out))
     weights = load_file(str(out / "student" / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}  # FSDP keeps float32 masters; bf16 is compute only
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory):
+    """The fsdp fixture's DOPD run under configs/accelerate/deepspeed_zero2.yaml (optimizer state
+    and gradients partitioned across the 2 processes), and resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("zero2")
+    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
+            "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
+    run, resumed = root / "run", root / "resumed"
+    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file="configs/accelerate/deepspeed_zero2.yaml")
+    assert r.returncode == 0, r.stderr[-4000:]
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny",
+               config_file="configs/accelerate/deepspeed_zero2.yaml")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stdout + r.stderr
+    return run, resumed
+
+
+def test_deepspeed_zero2_trains_like_data_parallel(fsdp, zero2):
+    """Partitioning the optimizer and gradients changes where they live, not the math: the same
+    losses, gradient norms and final weights as DDP, with identical replicas."""
+    import torch
+    from safetensors.torch import load_file
+
+    ddp_run, run = fsdp[0], zero2[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["distributed"] == "DEEPSPEED" and summary["processes"] == 2
+    assert len(set(summary["replica_checksums"])) == 1
+    a, b = rows(ddp_run), rows(run)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-7), (x["step"], key)
+        assert x["tokens"] == y["tokens"] and x["lr"] == y["lr"]
+    wa, wb = load_file(str(ddp_run / "student" / "model.safetensors")), load_file(str(run / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("zero_optimizer_rank_*.pt")) == ["zero_optimizer_rank_00000.pt", "zero_optimizer_rank_00001.pt"]
+
+
+def test_deepspeed_zero2_resume_matches_the_uninterrupted_run(zero2):
+    assert_resumed_like(*zero2)
+
+
+def test_a_zero_checkpoint_is_not_resumed_without_deepspeed(zero2):
+    import torch
+
+    from mmdistill.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match="written under DeepSpeed ZeRO"):
+        load_checkpoint(zero2[0] / "checkpoints" / "step_00000002", student=torch.nn.Linear(1, 1), optimizer=None,
+                        scheduler=None, teacher=None, stream=None)
+
+
+def test_deepspeed_bf16_resumes_exactly(tmp_path):
+    """Under DeepSpeed bf16 the engine computes and keeps the weights in bf16, with float32
+    masters in the optimizer partitions: a resume restores those, so step 2 is logged exactly."""
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["method.name=dopd", "train.max_steps=2", "train.checkpoint_every=1", "eval.num_samples=0", "train.sample_every=0"]
+    run, resumed = tmp_path / "run", tmp_path / "resumed"
+    how = dict(config="tiny", config_file=str(tmp_path / "zero1_bf16.yaml"))
+    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
+    (tmp_path / "zero1_bf16.yaml").write_text(text.replace("zero_stage: 2", "zero_stage: 1").replace('mixed_precision: "no"', "mixed_precision: bf16"))
+    r = launch(*common, f"train.output_dir={run}", **how)
+    assert r.returncode == 0, r.stderr[-4000:]
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
+    r = launch(*common, f"train.output_dir={resumed}", "train.resume=auto", **how)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads((run / "summary.json").read_text())["mixed_precision"] == "bf16"
+    a, b = rows(run), rows(resumed)
+    assert all(math.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in a)
+    for key in DETERMINISTIC:
+        assert a[1][key] == b[1][key], key
+    assert {w.dtype for w in load_file(str(run / "student" / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_a_deepspeed_config_mmdistill_cannot_honour_stops_with_one_line(tmp_path):
+    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
+    (tmp_path / "zero3.yaml").write_text(text.replace("zero_stage: 2", "zero_stage: 3"))
+    r = launch("train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", config="tiny", config_file=str(tmp_path / "zero3.yaml"))
+    assert r.returncode != 0
+    assert "mmdistill: accelerate config zero_stage=3: ZeRO-3 (sharded parameters) is not supported" in r.stderr
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+
+
+def test_a_step_cut_short_by_the_end_of_the_data_still_syncs(tmp_path):
+    """data.epochs=1 leaves each rank 4 batches for steps of 3 micro-batches: step 2 has one.
+    That one is the step's last, so its gradients are synced (the replicas stay identical)."""
+    train = write(tmp_path / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
+    out = tmp_path / "run"
+    r = launch("data.source=shards", f"data.train_path={train}", "data.epochs=1", "train.grad_accum=3", "train.max_steps=10",
+               "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0", f"train.output_dir={out}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "data exhausted after 1 epoch(s); stopping at step 2" in r.stdout + r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert len(set(summary["replica_checksums"])) == 1

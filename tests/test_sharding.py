@@ -70,8 +70,7 @@ def test_no_fsdp_launch_and_deepspeed_launches():
 
     assert launcher_fsdp({}) is None
     assert launcher_fsdp({**FSDP2_ENV, "ACCELERATE_USE_FSDP": "false"}) is None
-    with pytest.raises(NotImplementedError, match="DeepSpeed is not supported"):
-        launcher_fsdp({"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert launcher_fsdp({"ACCELERATE_USE_DEEPSPEED": "true"}) is None  # zero.py's
 
 
 def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunches(tmp_path, monkeypatch):

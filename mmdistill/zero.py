@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO students (stages 1 and 2) from accelerate's DeepSpeed config files.
+
+`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m mmdistill train CONFIG`
+hands the student and its optimizer to DeepSpeed: ZeRO-1 partitions the optimizer state across
+the processes, ZeRO-2 the gradients too. Every process keeps the whole weights, so rollouts,
+evaluation, the EMA self-teacher and the frozen teacher work as under DDP. The teacher is never
+given to DeepSpeed: it is frozen and whole on every process.
+
+mmdistill's config decides the batch, accumulation and clipping (train.batch_size, train.grad_accum,
+optim.grad_clip); they are written into DeepSpeed's config before the engine is built. The step
+is driven explicitly: each micro-batch's backward is told whether it is the last (DeepSpeed then
+reduces), and the engine steps once per optimizer step, so a step cut short by the end of the
+data still applies what it accumulated.
+
+ZeRO-3 is refused (parameters sharded: use FSDP, configs/accelerate/fsdp.yaml), as are stage 0
+(plain data-parallel: configs/accelerate/ddp.yaml), offload and fp16 (loss scaling); each with a
+line naming the config key.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType
+
+from mmdistill.config import ConfigError
+
+
+def launched(environ: Mapping[str, str]) -> bool:
+    """Whether `accelerate launch` asked for DeepSpeed (its config file's distributed_type)."""
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true", "yes")
+
+
+def accelerator_options(deepspeed: bool) -> dict:
+    """Accelerator arguments. On a machine without GPUs, accelerate would start DeepSpeed
+    processes that each believe they are alone (no backend): gloo is named for them."""
+    if not deepspeed:
+        return {"cpu": not torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def uses_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def configure(ds: dict, cfg, num_processes: int) -> None:
+    """Check what the accelerate config asks of DeepSpeed (`ds`: its plugin's deepspeed_config),
+    and write mmdistill's batch, accumulation and clipping into it (before `accelerator.prepare`
+    builds the engine)."""
+    zero = ds.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2):
+        raise ConfigError(f"accelerate config zero_stage={stage}: " + (
+            "ZeRO-3 (sharded parameters) is not supported; use configs/accelerate/fsdp.yaml (FSDP2 shards parameters)"
+            if stage > 2 else "stage 0 shards nothing; use configs/accelerate/ddp.yaml") + " or zero_stage 1 or 2")
+    for key in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(key) or {}).get("device", "none")).lower()
+        if device not in ("none", "null"):
+            raise ConfigError(f"accelerate config {key}_device={device}: DeepSpeed offload is not supported; set it to none")
+    if (ds.get("fp16") or {}).get("enabled") in (True, "true"):
+        raise ConfigError("accelerate config mixed_precision=fp16: fp16 (loss scaling) is not supported under DeepSpeed; "
+                         "use bf16 or no")
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * num_processes
+    ds["gradient_clipping"] = float(cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else 0.0
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, built by mmdistill
+    ds["steps_per_print"] = 2**31 - 1  # our logging, not DeepSpeed's
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator, model: torch.nn.Module, last: bool):
+    """One micro-batch's forward and backward. Only the last of a step syncs gradients (DDP's
+    no_sync, FSDP2's requires_gradient_sync, DeepSpeed's accumulation boundary)."""
+    if uses_deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(last)
+        yield
+        return
+    from mmdistill.sharding import no_sync
+
+    with no_sync(accelerator, model) if not last else contextlib.nullcontext():
+        yield
+
+
+def backward(accelerator, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """The loss is already divided by the step's micro-batch count: DeepSpeed must not divide again."""
+    if uses_deepspeed(accelerator):
+        model.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def optimizer_step(accelerator, model: torch.nn.Module, optimizer, clip: float) -> float:
+    """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+    if uses_deepspeed(accelerator):
+        model.set_gradient_accumulation_boundary(True)
+        model.step()  # clips (gradient_clipping), steps and zeroes
+        norm = model.get_global_grad_norm()
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+    norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# -- checkpoints: each rank's optimizer partition ----------------------------------------------
+
+def _optimizer_file(path: Path, rank: int) -> Path:
+    return Path(path) / f"zero_optimizer_rank_{rank:05d}.pt"
+
+
+def _zero_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> DeepSpeed's ZeRO optimizer
+
+
+def save_optimizer(directory: Path, optimizer, rank: int) -> None:
+    torch.save(_zero_optimizer(optimizer).state_dict(), _optimizer_file(directory, rank))
+
+
+def _safe_globals() -> list:
+    """The DeepSpeed classes a ZeRO optimizer state holds: allowed by name, so the file still
+    loads with torch.load(weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_optimizer(directory: Path, optimizer, rank: int, world_size: int) -> None:
+    """This rank's partition, restored with its float32 master weights (exact resume). The
+    partitions depend on the process count, so it must be the one that wrote them."""
+    saved = sorted(Path(directory).glob("zero_optimizer_rank_*.pt"))
+    if len(saved) != world_size:
+        raise ValueError(f"checkpoint {directory}: its DeepSpeed optimizer state was written by {len(saved)} "
+                         f"process(es), this run has {world_size}; resume with the same number")
+    with torch.serialization.safe_globals(_safe_globals()):
+        mine = torch.load(_optimizer_file(directory, rank), weights_only=True)
+    states = [None] * world_size  # DeepSpeed reads its own rank's entry of the list
+    states[rank] = mine
+    _zero_optimizer(optimizer).load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
