@@ -10,7 +10,9 @@ to vanilla OPD. Issue 6's targets: DOPD <= 1.3x and AR-OPD <= 1.4x an OPD step.
 
 Setups: `text` = the shipped arithmetic student and teacher (configs/dopd.yaml: 32 prompts,
 32 new tokens); `vlm` = configs/tiny_vlm.yaml's composite student and teacher on scenes
-(16 prompts, 16 new tokens).
+(16 prompts, 16 new tokens; the boxes as text and drawn on the privileged views' images);
+`vlm_text` = the same with the boxes as text only (privileged.image.source=student, as in the
+default job), where every view shows the same image and views of one model share the prefix.
 """
 from __future__ import annotations
 
@@ -32,11 +34,13 @@ from mmdistill.models import load, max_positions
 from mmdistill.teachers import Teacher
 from mmdistill.views import Views
 
+VLM = ["train.batch_size=16", "rollout.max_new_tokens=16", "data.scenes.image_size=64",
+       "student.vision.tower.image_size=64", "student.vision.tower.kwargs.img_size=64",
+       "teacher.model.vision.tower.image_size=64", "teacher.model.vision.tower.kwargs.img_size=64"]
 SETUPS = {
     "text": ("dopd", ["train.batch_size=32", "rollout.max_new_tokens=32"]),
-    "vlm": ("tiny_vlm", ["train.batch_size=16", "rollout.max_new_tokens=16", "data.scenes.image_size=64",
-                         "student.vision.tower.image_size=64", "student.vision.tower.kwargs.img_size=64",
-                         "teacher.model.vision.tower.image_size=64", "teacher.model.vision.tower.kwargs.img_size=64"]),
+    "vlm": ("tiny_vlm", VLM),  # boxes as text and drawn on the privileged views' images
+    "vlm_text": ("tiny_vlm", [*VLM, "privileged.image.source=student"]),  # boxes as text only (the default job's p)
 }
 PARTS = ("rollout", "views", "loss", "backward", "optimizer")
 

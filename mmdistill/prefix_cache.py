@@ -7,6 +7,12 @@ distinct prefix runs once per model; each view then runs only its own tail and t
 a copy of that KV cache. Logits equal the one-view-at-a-time path's (up to float
 rounding): a token's keys and values depend on the tokens before it only.
 
+A VLM's images run with the prefix when every view shows a sample the same images, all of
+their tokens before the cut (images come before the question, p after it), and the model reads
+only `pixel_values`, one row per image (composite students, LLaVA): the boxes given as text.
+Views that see other images (boxes drawn on) or models with other pixel layouts or multimodal
+positions (SmolVLM, Qwen-VL) are scored one by one.
+
 Layout of a view's sequence, every row: [left pad | shared prefix | left pad | own tail | response].
 Positions count real tokens, so the padding inside the row shifts nothing.
 """
@@ -19,8 +25,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmdistill.adapters.text import left_pad, positions, unwrap, uses_model_positions
+from mmdistill.adapters.text import left_pad, model_inputs, positions, unwrap, uses_model_positions
 from mmdistill.batch import Batch
+from mmdistill.composite import CompositeVLM
 from mmdistill.sharding import is_sharded
 
 
@@ -42,9 +49,12 @@ def shared_lengths(prompts: list[list[list[int]]]) -> list[int]:
 
 
 def can_share(model: torch.nn.Module, grad: bool) -> bool:
-    """A shared cache needs a HF model that takes a KV cache and 1-D positions; a sharded
-    (FSDP) model with gradient is only called through its wrapper, as one call per backward."""
+    """A shared cache needs a HF model (or a composite VLM around one) that takes a KV cache and
+    1-D positions; a sharded (FSDP) model with gradient is only called through its wrapper, as
+    one call per backward."""
     inner = unwrap(model)
+    if isinstance(inner, CompositeVLM):
+        inner = inner.lm
     if not isinstance(inner, PreTrainedModel) or uses_model_positions(model):
         return False
     if grad and is_sharded(inner):
@@ -63,6 +73,28 @@ def _copy(cache: DynamicCache, rows: torch.Tensor, detach: bool) -> DynamicCache
     return DynamicCache(ddp_cache_data=[(pick(l.keys), pick(l.values)) for l in cache.layers])
 
 
+def _same_images(adapter, samples: list[dict], levels: list[str | None]) -> bool:
+    """Every view shows each sample the same image objects (checked before any prompt is encoded)."""
+    shown = [[adapter.images(s, level) for s in samples] for level in levels]
+    return all(len(a) == len(b) and all(x is y for x, y in zip(a, b)) for view in shown[1:] for a, b in zip(view, shown[0]))
+
+
+def _prefix_pixels(adapter, samples: list[dict], levels: list[str | None], encoded: list, prompts: list[list[list[int]]],
+                   cut: list[int]) -> list[torch.Tensor] | None:
+    """Per sample, the pixel rows of its images, when they can run with the shared prefix (every
+    view shows the same images, see _same_images): their tokens all lie before the cut, and the
+    model reads nothing but `pixel_values`, one row per image. None otherwise."""
+    image_ids = set(adapter.never_sample)
+    if not image_ids or any(set(p.extras) != {"pixel_values"} for p in encoded):
+        return None
+    counts = [len(adapter.images(s, levels[0])) for s in samples]
+    if any(p.extras["pixel_values"].shape[0] != sum(counts) for p in encoded):
+        return None
+    if any(t in image_ids for view in prompts for row, c in zip(view, cut) for t in row[c:]):
+        return None
+    return list(encoded[0].extras["pixel_values"].split(counts))
+
+
 def score_views(adapter, model: torch.nn.Module, batch: Batch, levels: list[str | None], grads: list[bool],
                 policy: str) -> tuple[list[torch.Tensor] | None, dict[str, float]]:
     """[B, N, V] logits of each view (levels[v], with gradient where grads[v]) of one model, or
@@ -72,27 +104,39 @@ def score_views(adapter, model: torch.nn.Module, batch: Batch, levels: list[str 
     repeated = len({id(s) for s in batch.samples}) < len(batch.samples)  # rollouts of one prompt
     if not (len(levels) > 1 or repeated) or not can_share(model, any(grads)):
         return None, {}
-    if adapter.has_images(batch.samples):  # a VLM's image features sit inside the prompt
+    if adapter.has_images(batch.samples) and not _same_images(adapter, batch.samples, levels):
         return None, {}
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     encoded = [adapter.encode(batch.samples, level, policy, device) for level in levels]
-    if any(p.extras for p in encoded):
-        return None, {}
     n = batch.response_ids.shape[1]
     for p in encoded:
         adapter.check_fits(batch.samples, p, n, "scored")
     prompts = [p.unpadded() for p in encoded]
     cut = shared_lengths(prompts)
+    pixels = None
+    if any(p.extras for p in encoded):  # a VLM's images: they run once, with the prefix, or nothing is shared
+        pixels = _prefix_pixels(adapter, batch.samples, levels, encoded, prompts, cut)
+        if pixels is None:
+            return None, {}
     resp, resp_mask = batch.response_ids.to(device), batch.response_mask.to(device)
     seconds: dict[str, float] = {}
-    unique: dict[tuple[int, ...], int] = {}
-    rows = torch.tensor([unique.setdefault(tuple(p[:c]), len(unique)) for p, c in zip(prompts[0], cut)], device=device)
-    pre_ids, pre_attn = left_pad([list(p) for p in unique], adapter.pad_id, device)
+    unique: dict[tuple, int] = {}  # a prefix: its tokens and, for a VLM, which images fill its image tokens
+    first: list[int] = []  # the first sample of each distinct prefix
+    rows = []
+    for i, (p, c) in enumerate(zip(prompts[0], cut)):
+        key = (tuple(p[:c]), tuple(map(id, adapter.images(batch.samples[i], levels[0]))) if pixels is not None else ())
+        if key not in unique:
+            unique[key] = len(unique)
+            first.append(i)
+        rows.append(unique[key])
+    rows = torch.tensor(rows, device=device)
+    pre_ids, pre_attn = left_pad([list(k[0]) for k in unique], adapter.pad_id, device)
+    extras = {} if pixels is None else model_inputs(model, {"pixel_values": torch.cat([pixels[i] for i in first])})
     with torch.set_grad_enabled(any(grads)):
         # The prefix runs on the unwrapped model: DDP expects one wrapped forward per backward.
         out = unwrap(model)(input_ids=pre_ids, attention_mask=pre_attn, position_ids=positions(model, pre_attn),
-                            use_cache=True, logits_to_keep=1)
+                            use_cache=True, logits_to_keep=1, **extras)
     cache = getattr(out, CACHE, None)
     if not isinstance(cache, DynamicCache) or not all(type(l) is DynamicLayer for l in cache.layers):
         return None, {}

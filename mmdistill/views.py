@@ -52,8 +52,8 @@ class Views(Mapping):
                 needs = "a teacher" if policy == "teacher" else "a frozen copy of the initial student (Views(init=...))"
                 raise ValueError(f"view '{name}' needs {needs}, and this run has none")
             group = [name] + [v for v in self.wanted if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
+            t0 = time.perf_counter()  # a view scored alone also pays for a shared attempt that fell back
             if not (self.share_prefix and self._score_shared(model, policy, group)):
-                t0 = time.perf_counter()
                 self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"),
                                                         policy=_prompts_of(policy))
                 self.seconds[name] = time.perf_counter() - t0

@@ -101,8 +101,8 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
             assert views[view].shape == shape, view
             assert views[view].requires_grad == (view == "student"), view
     torch.testing.assert_close(views["student_init_priv"], views["student_priv"])
-    assert ad.has_images(batch.samples)  # caught before any prompt is encoded for a shared cache
-    assert not any(k.endswith("_prefix") for k in views.seconds)  # image prompts are scored view by view
+    assert ad.has_images(batch.samples)
+    assert not any(k.endswith("_prefix") for k in views.seconds)  # every view shows other images: scored one by one
     assert not torch.allclose(views["teacher_full"], views["teacher_plain"])  # the boxes reach the teacher
     assert not torch.allclose(views["teacher_full"], views["teacher_partial"])  # half of them do
 
@@ -128,6 +128,39 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
         opt.zero_grad()
         assert any(not torch.equal(a, p) for a, p in zip(before, params)), method_name
     student.eval()
+
+
+SHARES_IMAGES = {"llava", *COMPOSITES}  # one pixel row per image and 1-D positions; the others fall back
+
+
+def test_views_showing_the_same_images_share_their_prefix(pair, samples):
+    """Boxes as text only (privileged.image.source=student): the image and the question run once
+    per model, with the prefix; logits and the student's gradients equal scoring each view alone."""
+    name, student, proc, teacher, t_proc = pair
+    ad = build_adapter(proc, priv_cfg(source="student"), 0, t_proc)
+    torch.manual_seed(3)
+    twin = dict(samples[2], id="twin", prompt=samples[0]["prompt"])  # sample 0's tokens, another image
+    batch = ad.rollout(student, [*samples, twin], rollout_cfg(num_rollouts=2))
+    wanted = ("student", "student_priv", "teacher_full", "teacher_partial", "teacher_plain")
+    student.train()
+    try:
+        shared = Views(ad, batch, student, teacher, wanted)
+        alone = Views(ad, batch, student, teacher, wanted, share_prefix=False)
+        m = batch.response_mask
+        for view in wanted:
+            assert torch.allclose(shared[view][m], alone[view][m], atol=1e-4), (name, view)
+        params = [p for p in student.parameters() if p.requires_grad]
+        ga = torch.autograd.grad(shared["student"][m].float().log_softmax(-1).max(-1).values.sum(), params, allow_unused=True)
+        gb = torch.autograd.grad(alone["student"][m].float().log_softmax(-1).max(-1).values.sum(), params, allow_unused=True)
+    finally:
+        student.eval()
+    for a, b in zip(ga, gb):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-4), name
+    if name in COMPOSITES:
+        assert any(a is not None and a.abs().sum() > 0 for a in ga[: len(list(student.tower.parameters()))])  # the tower learns through the cache
+    assert ({"student_prefix", "teacher_prefix"} <= set(shared.seconds)) == (name in SHARES_IMAGES), name
 
 
 def test_student_priv_equals_student_with_empty_hint_and_same_image(pair, samples):
