@@ -271,6 +271,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the student's activations in backward
     fsdp: bool = False  # shard the student across the processes (torch FSDP2); HF models; see README "Distributed"
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (ZeRO-2 style)
+    fsdp_teacher: bool = False  # shard the frozen teacher (teacher.mode=model) across the processes too (FSDP2, forward only)
     share_prefix: bool = True  # views of one model run the prompt prefix they share once (KV cache); text models
     sample_every: int = 50  # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
     # Continual learning: stages trained in sequence from one student (train.max_steps is then their

@@ -50,14 +50,13 @@ def shared_lengths(prompts: list[list[list[int]]]) -> list[int]:
 
 def can_share(model: torch.nn.Module, grad: bool) -> bool:
     """A shared cache needs a HF model (or a composite VLM around one) that takes a KV cache and
-    1-D positions; a sharded (FSDP) model with gradient is only called through its wrapper, as
-    one call per backward."""
+    1-D positions. Not a sharded (FSDP) model: its forward is a collective, so every rank must
+    make the same calls, and whether a batch shares depends on its data (a sharded student
+    with gradient is also only called through its wrapper, one call per backward)."""
     inner = unwrap(model)
     if isinstance(inner, CompositeVLM):
         inner = inner.lm
-    if not isinstance(inner, PreTrainedModel) or uses_model_positions(model):
-        return False
-    if grad and is_sharded(inner):
+    if not isinstance(inner, PreTrainedModel) or uses_model_positions(model) or is_sharded(inner):
         return False
     checkpointing = getattr(inner, "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing")
                             else "is_gradient_checkpointing", False)

@@ -62,6 +62,16 @@ def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teac
     return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay), t_proc
 
 
+def _check_teacher_sharding(cfg: DictConfig, teacher: Teacher, accelerator) -> None:
+    if teacher.mode != "model":
+        raise ConfigError(f"train.fsdp_teacher=true shards a separate teacher model; teacher.mode={teacher.mode} "
+                          "is a copy of the student (shard the student with train.fsdp instead)")
+    if accelerator.num_processes < 2:
+        raise ConfigError("train.fsdp_teacher=true shards the teacher across processes: launch 2 or more")
+    if zero.uses_deepspeed(accelerator):
+        raise ConfigError("train.fsdp_teacher=true is not supported under DeepSpeed; launch with ddp.yaml or fsdp.yaml")
+
+
 def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     if cfg.train.resume == "none":
         return None
@@ -121,6 +131,9 @@ def train(cfg: DictConfig) -> Path:
         init = teacher.model if teacher is not None and teacher.mode == "frozen_student" else frozen_copy(student)
     if cfg.train.fsdp:
         student = shard(student, accelerator.mixed_precision, cfg.train.fsdp_reshard_after_forward)
+    if cfg.train.fsdp_teacher and teacher is not None:
+        _check_teacher_sharding(cfg, teacher, accelerator)
+        shard(teacher.model, accelerator.mixed_precision)  # in place: each rank keeps 1/N of it
     limits = [cfg.train.max_length] if cfg.train.max_length else []
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
@@ -151,6 +164,7 @@ def train(cfg: DictConfig) -> Path:
 
     summary: dict = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
                      "distributed": accelerator.distributed_type.value, "fsdp": cfg.train.fsdp,
+                     "fsdp_teacher": bool(teacher is not None and is_sharded(teacher.model)),
                      "mixed_precision": accelerator.mixed_precision}
     if test and start == 0:
         summary["accuracy_before"] = _evaluate(accelerator, adapter, plain, test, cfg)

@@ -370,3 +370,24 @@ def test_a_step_cut_short_by_the_end_of_the_data_still_syncs(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
     assert len(set(summary["replica_checksums"])) == 1
+
+
+@pytest.mark.parametrize("student_fsdp", [False, True])
+def test_a_sharded_teacher_scores_like_a_replicated_one(tmp_path, student_fsdp):
+    """train.fsdp_teacher=true keeps 1/2 of the frozen teacher on each process (FSDP2, forward
+    only), under a data-parallel or a sharded student: the run logs the numbers of the run whose
+    teacher is whole on every process."""
+    common = ["method.name=dopd", "teacher.mode=model", "train.max_steps=3", "train.sample_every=0", "eval.num_samples=0",
+              "train.keep_checkpoints=0", "train.share_prefix=false", f"train.fsdp={str(student_fsdp).lower()}"]
+    runs = {}
+    for sharded in (True, False):
+        runs[sharded] = tmp_path / f"teacher_sharded_{sharded}"
+        r = launch(*common, f"train.fsdp_teacher={str(sharded).lower()}", f"train.output_dir={runs[sharded]}", config="tiny")
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert json.loads((runs[sharded] / "summary.json").read_text())["fsdp_teacher"] is sharded
+    a, b = rows(runs[True]), rows(runs[False])
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm"):
+            assert math.isclose(x[key], y[key], rel_tol=1e-5), (x["step"], key)
+        assert x["tokens"] == y["tokens"]

@@ -108,3 +108,17 @@ def test_an_unsupported_accelerate_config_is_one_line_at_the_cli(monkeypatch, ca
     assert main(["train", "tiny", "train.max_steps=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "mmdistill: accelerate config fsdp_offload_params=true: CPU offload is not supported; set it to false"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.mode=ema"], "teacher.mode=ema is a copy of the student"),
+    (["teacher.mode=model"], "launch 2 or more"),
+])
+def test_a_teacher_that_cannot_be_sharded_is_refused(tmp_path, overrides, message):
+    from mmdistill.config import ConfigError, load_config
+    from mmdistill.train import train
+
+    cfg = load_config("tiny", ["method.name=dopd", "train.fsdp_teacher=true", "train.max_steps=1", "eval.num_samples=0",
+                               f"train.output_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
