@@ -63,15 +63,16 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     partitioned = accelerator is not None and zero.uses_deepspeed(accelerator)
     if sharded:  # gathered whole (every rank takes part), written by the main process like any other
         weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
-    if partitioned:  # ZeRO: each rank writes its own optimizer partition
+    if partitioned:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights are gathered)
         zero.save_optimizer(tmp, optimizer, rank)
+        weights = untied_state_dict(model) if main or zero.partitioned(model) else None
         optim = None
     if main:
-        if sharded:
+        if sharded or partitioned:
             save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
         else:
             save_file(untied_state_dict(model), str(tmp / "student.safetensors"), metadata={"format": "pt"})
-            optim = None if partitioned else optimizer.state_dict()
+            optim = optimizer.state_dict()
         if teacher is not None and teacher.owns_weights:
             save_file(untied_state_dict(teacher.model), str(tmp / "teacher.safetensors"), metadata={"format": "pt"})
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
@@ -133,7 +134,8 @@ def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, strea
         load_full_state_dict(model, load_file(str(path / "student.safetensors")))
         load_full_optimizer_state(model, optimizer, state["optimizer"])
     elif accelerator is not None and zero.uses_deepspeed(accelerator):
-        _load_weights(model, path / "student.safetensors")
+        with zero.gathered(model, modify=True):  # ZeRO-3: rank 0's copy is partitioned back
+            _load_weights(model, path / "student.safetensors")
         zero.load_optimizer(path, optimizer, rank, accelerator.num_processes)
     else:
         if state["optimizer"] is None:

@@ -28,7 +28,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmdistill.adapters.text import left_pad, model_inputs, positions, unwrap, uses_model_positions
 from mmdistill.batch import Batch
 from mmdistill.composite import CompositeVLM
-from mmdistill.sharding import is_sharded
+from mmdistill.sharding import collective
 
 
 # transformers renamed `past_key_values` to `cache` (5.x); both names are served.
@@ -50,13 +50,13 @@ def shared_lengths(prompts: list[list[list[int]]]) -> list[int]:
 
 def can_share(model: torch.nn.Module, grad: bool) -> bool:
     """A shared cache needs a HF model (or a composite VLM around one) that takes a KV cache and
-    1-D positions. Not a sharded (FSDP) model: its forward is a collective, so every rank must
+    1-D positions. Not a sharded (FSDP, ZeRO-3) model: its forward is a collective, so every rank must
     make the same calls, and whether a batch shares depends on its data (a sharded student
     with gradient is also only called through its wrapper, one call per backward)."""
     inner = unwrap(model)
     if isinstance(inner, CompositeVLM):
         inner = inner.lm
-    if not isinstance(inner, PreTrainedModel) or uses_model_positions(model) or is_sharded(inner):
+    if not isinstance(inner, PreTrainedModel) or uses_model_positions(model) or collective(inner):
         return False
     checkpointing = getattr(inner, "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing")
                             else "is_gradient_checkpointing", False)

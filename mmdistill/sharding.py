@@ -23,6 +23,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from mmdistill.zero import gathered, partitioned
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,10 +32,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def collective(model: torch.nn.Module) -> bool:
+    """Whether the model's forward is a collective every rank must join: FSDP2 or DeepSpeed
+    ZeRO-3 gather each block's weights from all ranks while it runs."""
+    return is_sharded(model) or partitioned(model)
+
+
 def synced_generation(model: torch.nn.Module) -> bool:
     """A sharded model's forward is a collective: every rank must keep stepping `generate`
     until all ranks are done (HF's synced_gpus), however long its own responses are."""
-    return is_sharded(model) and dist.is_initialized() and dist.get_world_size() > 1
+    return collective(model) and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # FSDP1's sharding strategies, in the order of their enum numbers (1-5), which configs may use instead.
@@ -115,7 +123,8 @@ def no_sync(accelerator, model: torch.nn.Module):
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU: on rank 0 only, or on every rank (`everywhere`)."""
     if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        with gathered(model):
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     return {k: v.detach().cpu() for k, v in state.items()}
 
@@ -128,9 +137,11 @@ def tied_names(model: torch.nn.Module) -> set[str]:
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Each weight once, under its first name, copied to the CPU: safetensors refuses tensors
-    that share storage, as tied embeddings do, and as all of DeepSpeed's flattened parameters do."""
+    that share storage, as tied embeddings do, and as all of DeepSpeed's flattened parameters do.
+    A ZeRO-3 model is gathered first: every rank calls this."""
     tied = tied_names(model)
-    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n not in tied}
+    with gathered(model):
+        return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n not in tied}
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill import zero
-from mmdistill.sharding import full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict
+from mmdistill.sharding import collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -109,7 +109,7 @@ def train(cfg: DictConfig) -> Path:
     if zero.uses_deepspeed(accelerator):
         if cfg.train.fsdp:
             raise ConfigError("train.fsdp=true and a DeepSpeed launch: choose one (configs/accelerate/fsdp.yaml or a DeepSpeed one)")
-        zero.configure(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accelerator.num_processes)
+        zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
     if cfg.train.fsdp and accelerator.num_processes < 2:
         raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
@@ -119,6 +119,8 @@ def train(cfg: DictConfig) -> Path:
     method = build_method(cfg.method.name, **method_options(cfg))
 
     student, proc = load(cfg.student, seed=cfg.train.seed)
+    if zero.uses_deepspeed(accelerator):
+        zero.check_student(accelerator.state.deepspeed_plugin.deepspeed_config, student)
     if cfg.train.gradient_checkpointing:
         set_checkpointing(student, True)
     student = student.to(accelerator.device)
@@ -256,8 +258,8 @@ def train(cfg: DictConfig) -> Path:
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
-    if zero.uses_deepspeed(accelerator):
-        weights = untied_state_dict(plain)  # standalone copies of DeepSpeed's flat buffers
+    if zero.uses_deepspeed(accelerator) and (accelerator.is_main_process or zero.partitioned(plain)):
+        weights = untied_state_dict(plain)  # standalone copies of DeepSpeed's flat buffers (ZeRO-3: gathered)
     if accelerator.is_main_process:
         save_pretrained(plain, final, weights)
         proc.save_pretrained(final)
@@ -278,8 +280,8 @@ def train(cfg: DictConfig) -> Path:
 
 def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) -> float:
     """Held-out accuracy on the main process (the replicas hold the same weights); a sharded
-    model's forward needs every rank, so then all of them score the same samples."""
-    scores = accelerator.is_main_process or is_sharded(model)
+    model's forward needs every rank (FSDP, ZeRO-3), so then all of them score the same samples."""
+    scores = accelerator.is_main_process or collective(model)
     result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)] if scores else [None]
     return broadcast_object_list(result)[0]
 

@@ -1,10 +1,13 @@
-"""DeepSpeed ZeRO students (stages 1 and 2) from accelerate's DeepSpeed config files.
+"""DeepSpeed ZeRO students (stages 1, 2 and 3) from accelerate's DeepSpeed config files.
 
 `accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m mmdistill train CONFIG`
 hands the student and its optimizer to DeepSpeed: ZeRO-1 partitions the optimizer state across
-the processes, ZeRO-2 the gradients too. Every process keeps the whole weights, so rollouts,
-evaluation, the EMA self-teacher and the frozen teacher work as under DDP. The teacher is never
-given to DeepSpeed: it is frozen and whole on every process.
+the processes, ZeRO-2 the gradients too, ZeRO-3 the weights as well. Under stages 1-2 every
+process keeps the whole weights, so rollouts, evaluation and self-teachers work as under DDP.
+Under ZeRO-3 a forward is a collective that gathers each block's weights: rollouts run
+`generate(synced_gpus=True)`, evaluation runs on every rank, and whatever reads all the weights
+(checkpoints, the EMA self-teacher, the final save) gathers them first (`gathered`). The
+teacher is never given to DeepSpeed: it is frozen and whole on every process.
 
 mmdistill's config decides the batch, accumulation and clipping (train.batch_size, train.grad_accum,
 optim.grad_clip); they are written into DeepSpeed's config before the engine is built. The step
@@ -12,9 +15,10 @@ is driven explicitly: each micro-batch's backward is told whether it is the last
 reduces), and the engine steps once per optimizer step, so a step cut short by the end of the
 data still applies what it accumulated.
 
-ZeRO-3 is refused (parameters sharded: use FSDP, configs/accelerate/fsdp.yaml), as are stage 0
-(plain data-parallel: configs/accelerate/ddp.yaml), offload and fp16 (loss scaling); each with a
-line naming the config key.
+Refused, each with a line naming the config key: stage 0 (plain data-parallel:
+configs/accelerate/ddp.yaml), offload and fp16 (loss scaling); and under ZeRO-3 a student that
+is not a Hugging Face model (a composite VLM's tower weights are read outside its modules'
+forward, where DeepSpeed would not have gathered them).
 """
 from __future__ import annotations
 
@@ -49,16 +53,19 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure(ds: dict, cfg, num_processes: int) -> None:
-    """Check what the accelerate config asks of DeepSpeed (`ds`: its plugin's deepspeed_config),
-    and write mmdistill's batch, accumulation and clipping into it (before `accelerator.prepare`
-    builds the engine)."""
+def configure(plugin, cfg, num_processes: int) -> None:
+    """Check what the accelerate config asks of DeepSpeed (`plugin`: accelerate's DeepSpeedPlugin),
+    and write mmdistill's batch, accumulation and clipping into its config (before
+    `accelerator.prepare` builds the engine). Models are built whole and partitioned by the
+    engine: self-teachers and the initial student are copies of the whole student, and the
+    frozen teacher is never partitioned."""
+    ds = plugin.deepspeed_config
     zero = ds.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
-    if stage not in (1, 2):
+    if stage not in (1, 2, 3):
         raise ConfigError(f"accelerate config zero_stage={stage}: " + (
-            "ZeRO-3 (sharded parameters) is not supported; use configs/accelerate/fsdp.yaml (FSDP2 shards parameters)"
-            if stage > 2 else "stage 0 shards nothing; use configs/accelerate/ddp.yaml") + " or zero_stage 1 or 2")
+            "stage 0 shards nothing; use configs/accelerate/ddp.yaml" if stage == 0 else "unknown stage")
+            + ", or zero_stage 1, 2 or 3")
     for key in ("offload_optimizer", "offload_param"):
         device = str((zero.get(key) or {}).get("device", "none")).lower()
         if device not in ("none", "null"):
@@ -66,12 +73,48 @@ def configure(ds: dict, cfg, num_processes: int) -> None:
     if (ds.get("fp16") or {}).get("enabled") in (True, "true"):
         raise ConfigError("accelerate config mixed_precision=fp16: fp16 (loss scaling) is not supported under DeepSpeed; "
                          "use bf16 or no")
+    if plugin.zero3_init_flag:
+        raise ConfigError("accelerate config zero3_init_flag=true: mmdistill builds its models whole (the teacher is "
+                          "never partitioned, self-teachers copy the student); set it to false")
+    # accelerate registers the config with transformers even without zero3_init_flag; at stage 3
+    # every model built afterwards (the teacher too) would then be born partitioned.
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = cfg.train.batch_size * cfg.train.grad_accum * num_processes
     ds["gradient_clipping"] = float(cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else 0.0
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, built by mmdistill
     ds["steps_per_print"] = 2**31 - 1  # our logging, not DeepSpeed's
+
+
+def check_student(ds: dict, student: torch.nn.Module) -> None:
+    from transformers import PreTrainedModel
+
+    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 3 and not isinstance(student, PreTrainedModel):
+        raise ConfigError(f"accelerate config zero_stage=3: a {type(student).__name__} student cannot be partitioned "
+                          "(its generate reads weights outside forward); use zero_stage 1 or 2 for composite VLMs")
+
+
+def partitioned(model: torch.nn.Module) -> bool:
+    """ZeRO-3: outside a forward, the model's parameters are empty shells of a rank's partition."""
+    param = next(model.parameters(), None)
+    return param is not None and hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module, modify: bool = False):
+    """A ZeRO-3 model's whole weights while the block runs (a collective: every rank enters);
+    `modify`: what rank 0 writes into them is kept. Nothing to do for any other model."""
+    if not partitioned(model):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0 if modify else None):
+        yield
 
 
 @contextlib.contextmanager

@@ -267,32 +267,44 @@ def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
     assert {w.dtype for w in weights.values()} == {torch.float32}  # FSDP keeps float32 masters; bf16 is compute only
 
 
-@pytest.fixture(scope="module")
-def zero2(tmp_path_factory):
-    """The fsdp fixture's DOPD run under configs/accelerate/deepspeed_zero2.yaml (optimizer state
-    and gradients partitioned across the 2 processes), and resumed from its step-2 checkpoint."""
-    root = tmp_path_factory.mktemp("zero2")
+def zero_config(directory: Path, stage: int, **changes: str) -> str:
+    """configs/accelerate/deepspeed_zero2.yaml at another stage (and other lines changed)."""
+    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text().replace("zero_stage: 2", f"zero_stage: {stage}")
+    for old, new in changes.items():
+        text = text.replace(old, new)
+    path = directory / f"zero{stage}.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def zero(tmp_path_factory, request):
+    """The fsdp fixture's DOPD run under DeepSpeed ZeRO-2 (optimizer state and gradients
+    partitioned across the 2 processes) and ZeRO-3 (the weights too), and resumed from its
+    step-2 checkpoint."""
+    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    config = zero_config(root, request.param)
     base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
             "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
     run, resumed = root / "run", root / "resumed"
-    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file="configs/accelerate/deepspeed_zero2.yaml")
+    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config)
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny",
-               config_file="configs/accelerate/deepspeed_zero2.yaml")
+    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny", config_file=config)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr
     return run, resumed
 
 
-def test_deepspeed_zero2_trains_like_data_parallel(fsdp, zero2):
-    """Partitioning the optimizer and gradients changes where they live, not the math: the same
-    losses, gradient norms and final weights as DDP, with identical replicas."""
+def test_deepspeed_zero_trains_like_data_parallel(fsdp, zero):
+    """Partitioning the optimizer, gradients (and under ZeRO-3 the weights) changes where they
+    live, not the math: the same losses, gradient norms and final weights as DDP, with
+    identical replicas. Under ZeRO-3 the rollouts, the EMA teacher and the checkpoints gather."""
     import torch
     from safetensors.torch import load_file
 
-    ddp_run, run = fsdp[0], zero2[0]
+    ddp_run, run = fsdp[0], zero[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distributed"] == "DEEPSPEED" and summary["processes"] == 2
     assert len(set(summary["replica_checksums"])) == 1
@@ -308,19 +320,20 @@ def test_deepspeed_zero2_trains_like_data_parallel(fsdp, zero2):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     ckpt = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("zero_optimizer_rank_*.pt")) == ["zero_optimizer_rank_00000.pt", "zero_optimizer_rank_00001.pt"]
+    assert load_file(str(ckpt / "student.safetensors")).keys() == wa.keys()  # whole weights, also under ZeRO-3
 
 
-def test_deepspeed_zero2_resume_matches_the_uninterrupted_run(zero2):
-    assert_resumed_like(*zero2)
+def test_deepspeed_zero_resume_matches_the_uninterrupted_run(zero):
+    assert_resumed_like(*zero)
 
 
-def test_a_zero_checkpoint_is_not_resumed_without_deepspeed(zero2):
+def test_a_zero_checkpoint_is_not_resumed_without_deepspeed(zero):
     import torch
 
     from mmdistill.checkpoint import load_checkpoint
 
     with pytest.raises(ValueError, match="written under DeepSpeed ZeRO"):
-        load_checkpoint(zero2[0] / "checkpoints" / "step_00000002", student=torch.nn.Linear(1, 1), optimizer=None,
+        load_checkpoint(zero[0] / "checkpoints" / "step_00000002", student=torch.nn.Linear(1, 1), optimizer=None,
                         scheduler=None, teacher=None, stream=None)
 
 
@@ -332,9 +345,7 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path):
 
     common = ["method.name=dopd", "train.max_steps=2", "train.checkpoint_every=1", "eval.num_samples=0", "train.sample_every=0"]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
-    how = dict(config="tiny", config_file=str(tmp_path / "zero1_bf16.yaml"))
-    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
-    (tmp_path / "zero1_bf16.yaml").write_text(text.replace("zero_stage: 2", "zero_stage: 1").replace('mixed_precision: "no"', "mixed_precision: bf16"))
+    how = dict(config="tiny", config_file=zero_config(tmp_path, 1, **{'mixed_precision: "no"': "mixed_precision: bf16"}))
     r = launch(*common, f"train.output_dir={run}", **how)
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(run, resumed)
@@ -349,12 +360,14 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path):
     assert {w.dtype for w in load_file(str(run / "student" / "model.safetensors")).values()} == {torch.bfloat16}
 
 
-def test_a_deepspeed_config_mmdistill_cannot_honour_stops_with_one_line(tmp_path):
-    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
-    (tmp_path / "zero3.yaml").write_text(text.replace("zero_stage: 2", "zero_stage: 3"))
-    r = launch("train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", config="tiny", config_file=str(tmp_path / "zero3.yaml"))
+@pytest.mark.parametrize("stage, config, message", [
+    (0, "tiny", "zero_stage=0: stage 0 shards nothing; use configs/accelerate/ddp.yaml"),
+    (3, "tiny_vlm", "zero_stage=3: a CompositeVLM student cannot be partitioned"),
+])
+def test_a_deepspeed_launch_mmdistill_cannot_honour_stops_with_one_line(tmp_path, stage, config, message):
+    r = launch("train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", config=config, config_file=zero_config(tmp_path, stage))
     assert r.returncode != 0
-    assert "mmdistill: accelerate config zero_stage=3: ZeRO-3 (sharded parameters) is not supported" in r.stderr
+    assert f"mmdistill: accelerate config {message}" in r.stderr
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
 
 
