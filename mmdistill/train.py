@@ -6,6 +6,7 @@ the self-teacher. Nothing here knows which method or modality is running.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
+from mmdistill import zero
 from mmdistill.adapters import build_adapter
 from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import ConfigError, method_options, save_config
@@ -31,7 +33,6 @@ from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
-from mmdistill import zero
 from mmdistill.sharding import collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
@@ -62,7 +63,7 @@ def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teac
     return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay), t_proc
 
 
-def _check_teacher_sharding(cfg: DictConfig, teacher: Teacher, accelerator) -> None:
+def _check_teacher_sharding(teacher: Teacher, accelerator) -> None:
     if teacher.mode != "model":
         raise ConfigError(f"train.fsdp_teacher=true shards a separate teacher model; teacher.mode={teacher.mode} "
                           "is a copy of the student (shard the student with train.fsdp instead)")
@@ -113,6 +114,17 @@ def train(cfg: DictConfig) -> Path:
     if cfg.train.fsdp and accelerator.num_processes < 2:
         raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
+    run_dir = _run(cfg, accelerator)
+    # Models, optimizers and their process-group work go before the process group does: freed
+    # later, at interpreter exit, gloo's threads could still hold tensors and abort the process.
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    return run_dir
+
+
+def _run(cfg: DictConfig, accelerator) -> Path:
+    """The run itself; what it builds is freed when it returns (see train)."""
     set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
     run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -134,7 +146,7 @@ def train(cfg: DictConfig) -> Path:
     if cfg.train.fsdp:
         student = shard(student, accelerator.mixed_precision, cfg.train.fsdp_reshard_after_forward)
     if cfg.train.fsdp_teacher and teacher is not None:
-        _check_teacher_sharding(cfg, teacher, accelerator)
+        _check_teacher_sharding(teacher, accelerator)
         shard(teacher.model, accelerator.mixed_precision)  # in place: each rank keeps 1/N of it
     limits = [cfg.train.max_length] if cfg.train.max_length else []
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
@@ -149,8 +161,9 @@ def train(cfg: DictConfig) -> Path:
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
     # The student is wrapped for gradient sync (DDP, or DeepSpeed's engine) or sharded (FSDP2,
-    # which syncs itself); the frozen teacher never is: it stays whole on every device, in eval
-    # mode. The scheduler steps once per optimizer step, by us.
+    # which syncs itself); the frozen teacher never is wrapped: it stays in eval mode, whole on
+    # every device unless train.fsdp_teacher sharded it above. The scheduler steps once per
+    # optimizer step, by us.
     if cfg.train.fsdp:
         optimizer = accelerator.prepare(optimizer)
     else:
@@ -274,7 +287,6 @@ def train(cfg: DictConfig) -> Path:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.print(f"student saved to {final}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return run_dir
 
 

@@ -16,9 +16,10 @@ reduces), and the engine steps once per optimizer step, so a step cut short by t
 data still applies what it accumulated.
 
 Refused, each with a line naming the config key: stage 0 (plain data-parallel:
-configs/accelerate/ddp.yaml), offload and fp16 (loss scaling); and under ZeRO-3 a student that
-is not a Hugging Face model (a composite VLM's tower weights are read outside its modules'
-forward, where DeepSpeed would not have gathered them).
+configs/accelerate/ddp.yaml), offload, fp16 (loss scaling) and zero3_init_flag (models are
+built whole, then partitioned by the engine); and under ZeRO-3 a student that is not a Hugging
+Face model (a composite VLM's tower weights are read outside its modules' forward, where
+DeepSpeed would not have gathered them).
 """
 from __future__ import annotations
 
