@@ -13,7 +13,8 @@ mmdistill's config decides the batch, accumulation and clipping (train.batch_siz
 optim.grad_clip); they are written into DeepSpeed's config before the engine is built. The step
 is driven explicitly: each micro-batch's backward is told whether it is the last (DeepSpeed then
 reduces), and the engine steps once per optimizer step, so a step cut short by the end of the
-data still applies what it accumulated.
+data still applies what it accumulated. The step's helpers (micro_batch, backward,
+optimizer_step) serve every launch, DDP and FSDP too: DeepSpeed is the one that differs.
 
 Refused, each with a line naming the config key: stage 0 (plain data-parallel:
 configs/accelerate/ddp.yaml), offload, fp16 (loss scaling) and zero3_init_flag (models are
