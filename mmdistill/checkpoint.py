@@ -60,15 +60,15 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     barrier()
     model = accelerator.unwrap_model(student) if accelerator else student
     sharded = is_sharded(model)
-    partitioned = accelerator is not None and zero.uses_deepspeed(accelerator)
+    deepspeed = accelerator is not None and zero.uses_deepspeed(accelerator)
     if sharded:  # gathered whole (every rank takes part), written by the main process like any other
         weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
-    if partitioned:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights are gathered)
+    if deepspeed:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights are gathered)
         zero.save_optimizer(tmp, optimizer, rank)
         weights = untied_state_dict(model) if main or zero.partitioned(model) else None
         optim = None
     if main:
-        if sharded or partitioned:
+        if sharded or deepspeed:
             save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
         else:
             save_file(untied_state_dict(model), str(tmp / "student.safetensors"), metadata={"format": "pt"})
