@@ -13,6 +13,7 @@ does not depend on the resolution an adapter resizes to. Images are numbered fro
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 from pathlib import Path
@@ -133,6 +134,18 @@ def _label_colours(boxes) -> dict[str, tuple[int, int, int]]:
     return colours
 
 
+@functools.lru_cache(maxsize=1)
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default()  # decodes an embedded font: once per process, not per label
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_box(label: str) -> tuple[int, int, int, int]:
+    """The label's text box when drawn at (0, 0) on an RGB image; at (x, y) it is shifted by
+    (x, y). Measuring text is most of the time of drawing boxes, and labels repeat."""
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), label, font=_font())
+
+
 def draw_boxes(image: Image.Image, boxes, labels: bool = True, width: int = 2, *,
                image_index: int | None = None) -> Image.Image:
     """A new RGB image with the boxes outlined (and labelled); ``image`` is left untouched.
@@ -161,18 +174,17 @@ def draw_boxes(image: Image.Image, boxes, labels: bool = True, width: int = 2, *
         rects.append(rect)
     if labels:
         # after every outline, last box first: the first (most relevant) label ends on top
-        font = ImageFont.load_default()
+        font = _font()
         for b, rect in reversed(list(zip(boxes, rects))):
             if not b["label"]:
                 continue
-            tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), b["label"], font=font)
+            tx0, ty0, tx1, ty1 = _label_box(b["label"])
             th = ty1 - ty0
             # above the box when there is room, else just inside its top edge
             y = rect[1] - th - 2 if rect[1] - th - 2 >= 0 else rect[1] + width
             x = min(rect[0], max(0, w - (tx1 - tx0) - 2))
             colour = colours[b["label"]]
-            bg = draw.textbbox((x, y), b["label"], font=font)
-            draw.rectangle([bg[0] - 1, bg[1] - 1, bg[2], bg[3]], fill=colour)
+            draw.rectangle([x + tx0 - 1, y + ty0 - 1, x + tx1, y + ty1], fill=colour)
             ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
             draw.text((x, y), b["label"], fill=ink, font=font)
     return out

@@ -8,7 +8,9 @@ not by the sequence length. Padding positions (weight 0) are never computed.
 
 `fn(lp_student, *lp_targets, *extras) -> [C]` receives float32 log-probs of the chunk's rows
 (the logits are normalised here, in float32, whatever the model dtype) and per-position
-extras (sampled ids, routing masks) indexed the same way.
+extras (sampled ids, routing masks) indexed the same way. A method whose targets are built from
+the views (AR-OPD's anchored residual) passes `prepare`: it maps the targets' rows to fn's
+target arguments once per chunk, so the loss and its diagnostics share one build.
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ def _normalised(rows: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
 
 
+def _chunk_args(x: torch.Tensor, targets, extras, b: torch.Tensor, n: torch.Tensor, prepare) -> list[torch.Tensor]:
+    """fn's arguments for one chunk: the student's log-probs (x = its rows), the targets' (through
+    `prepare`), the extras' rows."""
+    lt = [_normalised(_rows(t, b, n)) for t in targets]
+    if prepare is not None:
+        lt = list(prepare(*lt))
+    return [_normalised(x), *lt, *[_rows(t, b, n) for t in extras]]
+
+
 def _chunks(weight: torch.Tensor, chunk_size: int):
     b, n = weight.nonzero(as_tuple=True)
     step = chunk_size if chunk_size > 0 else max(1, b.numel())
@@ -75,13 +86,12 @@ def _record(out: dict[str, torch.Tensor], shape: torch.Size, b: torch.Tensor, n:
 
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, chunk_size, n_targets, values_out, diagnostics, diag_out, weight, student, *tensors):
-        ctx.fn, ctx.chunk_size, ctx.n_targets = fn, chunk_size, n_targets
+    def forward(ctx, fn, prepare, chunk_size, n_targets, values_out, diagnostics, diag_out, weight, student, *tensors):
+        ctx.fn, ctx.prepare, ctx.chunk_size, ctx.n_targets = fn, prepare, chunk_size, n_targets
         ctx.save_for_backward(weight, student, *tensors)
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for b, n in _chunks(weight, chunk_size):
-            args = [_normalised(_rows(t, b, n)) for t in (student, *tensors[:n_targets])]
-            args += [_rows(t, b, n) for t in tensors[n_targets:]]
+            args = _chunk_args(_rows(student, b, n), tensors[:n_targets], tensors[n_targets:], b, n, prepare)
             values = fn(*args)
             if values_out is not None:
                 values_out[b, n] = values.to(values_out.dtype)
@@ -97,12 +107,11 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for b, n in _chunks(weight, ctx.chunk_size):
             x = _rows(student, b, n).detach().requires_grad_(True)
             with torch.enable_grad():
-                args = [_normalised(x)] + [_normalised(_rows(t, b, n)) for t in tensors[: ctx.n_targets]]
-                args += [_rows(t, b, n) for t in tensors[ctx.n_targets :]]
+                args = _chunk_args(x, tensors[: ctx.n_targets], tensors[ctx.n_targets :], b, n, ctx.prepare)
                 value = (weight[b, n] * ctx.fn(*args)).sum()
             (g,) = torch.autograd.grad(value, x)
             grad[b, n] = (g * grad_out).to(grad.dtype)
-        return (None, None, None, None, None, None, None, grad, *([None] * len(tensors)))
+        return (None, None, None, None, None, None, None, None, grad, *([None] * len(tensors)))
 
 
 def token_loss(
@@ -115,6 +124,7 @@ def token_loss(
     values_out: torch.Tensor | None = None,
     diagnostics: Callable[..., dict[str, torch.Tensor]] | None = None,
     diag_out: dict[str, torch.Tensor] | None = None,
+    prepare: Callable[..., Sequence[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """sum over positions of weight * fn(...), differentiable in `student` only.
 
@@ -129,6 +139,8 @@ def token_loss(
     function of the same arguments as fn, returning per-position values without gradient; they
     are computed on the loss's own forward chunks (no second pass over the vocabulary) and
     written into `diag_out` as [B, N] float32 maps, 0 where weight is 0 (see token_values).
+    prepare: an optional function of the targets' log-prob rows (no gradient) returning fn's
+    target arguments (any number), built once per chunk for fn and diagnostics alike.
     """
     if (diagnostics is None) != (diag_out is None):
         raise ValueError("diagnostics and diag_out go together")
@@ -141,7 +153,7 @@ def token_loss(
         b, n = weight.nonzero(as_tuple=True)
         if not b.numel():
             return student.sum() * 0.0
-        args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
+        args = _chunk_args(_rows(student, b, n), targets, extras, b, n, prepare)
         values = fn(*args)
         if values_out is not None:
             values_out[b, n] = values.detach().to(values_out.dtype)
@@ -149,7 +161,7 @@ def token_loss(
             with torch.no_grad():
                 _record(diag_out, weight.shape, b, n, diagnostics(*[a.detach() for a in args]))
         return (weight[b, n] * values).sum()
-    return _ChunkedTokenLoss.apply(fn, chunk_size, len(targets), values_out, diagnostics, diag_out, weight.detach(), student,
+    return _ChunkedTokenLoss.apply(fn, prepare, chunk_size, len(targets), values_out, diagnostics, diag_out, weight.detach(), student,
                                    *targets, *extras)
 
 
@@ -166,6 +178,6 @@ def token_values(
     chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])
     out: dict[str, torch.Tensor] = {}
     for b, n in _chunks(mask.to(torch.float32), chunk_size):
-        args = [_normalised(_rows(t, b, n)) for t in (student, *targets)] + [_rows(t, b, n) for t in extras]
+        args = _chunk_args(_rows(student, b, n), targets, extras, b, n, None)
         _record(out, mask.shape, b, n, fn(*args))
     return out

@@ -150,3 +150,44 @@ def test_diagnostics_need_somewhere_to_go():
     s, t, mask = data()
     with pytest.raises(ValueError, match="diagnostics and diag_out go together"):
         token_loss(reverse_kl, s, [t], reduction_weights(mask), diagnostics=lambda ls, lt: {})
+
+
+@pytest.mark.parametrize("chunk", [None, 0, 1, 3])
+def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chunk):
+    """`prepare` turns the targets' rows into fn's target arguments: the loss and gradient equal
+    a brute force on the prepared targets, and the forward builds them once per chunk (the
+    diagnostics reuse the loss's), the chunked backward once more per chunk."""
+    s, t, mask = data()
+    u = torch.randn_like(t).masked_fill(~mask[..., None], float("nan"))
+    w = reduction_weights(mask)
+    calls = []
+
+    def prepare(la, lb):
+        calls.append(la.shape[0])
+        return ((la + lb).log_softmax(-1), la)  # a built target, and one of the views as is
+
+    fn = lambda ls, lt, la: reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls)
+    diag_fn = lambda ls, lt, la: {"target_entropy": -(lt.exp() * lt).sum(-1)}
+    x = s.clone().requires_grad_(True)
+    diag = {}
+    loss = token_loss(fn, x, [t, u], w, chunk_size=chunk, diagnostics=diag_fn, diag_out=diag, prepare=prepare)
+    n_forward = len(calls)
+    loss.backward()
+    tokens = int(mask.sum())
+    # chunk None here fits one automatic chunk: the graph is kept, no rebuild in backward
+    expected = 1 if chunk in (None, 0) else -(-tokens // chunk)
+    assert n_forward == expected and sum(calls[:n_forward]) == tokens
+    assert len(calls) == (n_forward if chunk in (None, 0) else 2 * n_forward)
+
+    y = s.clone().requires_grad_(True)
+    zero = lambda v: torch.where(mask[..., None], v, torch.zeros_like(v))
+    la, lb = zero(t).log_softmax(-1), zero(u).log_softmax(-1)
+    lt = (la + lb).log_softmax(-1)
+    ls = y.log_softmax(-1)
+    ref = brute_masked_mean(reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls), mask, "seq")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-10, rtol=1e-6)  # float32 reduction weights
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-6)
+    h = -(lt.exp() * lt).sum(-1)
+    torch.testing.assert_close(diag["target_entropy"][mask], h[mask].float())
+    assert (diag["target_entropy"][~mask] == 0).all()

@@ -158,12 +158,10 @@ class AROPD:
         # generalized_jsd: beta 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t), like alpha.
         return generalized_jsd(ls, lt, self.alpha)
 
-    def _per_token(self, ls: torch.Tensor, lp_full: torch.Tensor, lp_partial: torch.Tensor) -> torch.Tensor:
-        lt, _, _ = self.target(lp_full, lp_partial)
+    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor, lpp: torch.Tensor) -> torch.Tensor:
         return self._divergence(ls, lt)
 
-    def _diagnostics(self, ls: torch.Tensor, lp_full: torch.Tensor, lp_partial: torch.Tensor) -> dict[str, torch.Tensor]:
-        lt, lf, lpp = self.target(lp_full, lp_partial)
+    def _diagnostics(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor, lpp: torch.Tensor) -> dict[str, torch.Tensor]:
         kl_p_pi = forward_kl(lpp, ls)
         h_s = entropy(ls)
         return {
@@ -184,5 +182,5 @@ class AROPD:
         weight = reduction_weights(kept, self.reduction).to(s.device)
         diag: dict[str, torch.Tensor] = {}
         loss = token_loss(self._per_token, s, [full, partial], weight, chunk_size=self.chunk_size,
-                          diagnostics=self._diagnostics, diag_out=diag)
+                          diagnostics=self._diagnostics, diag_out=diag, prepare=self.target)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
