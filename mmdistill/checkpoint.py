@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmdistill import zero
@@ -63,9 +64,9 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     deepspeed = accelerator is not None and zero.uses_deepspeed(accelerator)
     if sharded:  # gathered whole (every rank takes part), written by the main process like any other
         weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
-    if deepspeed:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights are gathered)
+    if deepspeed:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights gathered one by one)
         zero.save_optimizer(tmp, optimizer, rank)
-        weights = untied_state_dict(model) if main or zero.partitioned(model) else None
+        weights = untied_state_dict(model, keep=main) if main or zero.partitioned(model) else None
         optim = None
     if main:
         if sharded or deepspeed:
@@ -122,6 +123,25 @@ def _load_weights(model, file: Path) -> None:
         )
 
 
+def _load_partitioned(model, file: Path, rank: int) -> None:
+    """ZeRO-3: one parameter at a time, rank 0 reading it from the file and DeepSpeed
+    partitioning it back, so no rank holds the whole model. Names and shapes are checked on
+    every rank first (an error on one rank alone would leave the others waiting)."""
+    tied = tied_names(model)
+    with safe_open(str(file), framework="pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        state = {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
+        missing, unexpected = state.keys() - shapes.keys(), shapes.keys() - state.keys()
+        wrong = sorted(n for n in state.keys() & shapes.keys() if state[n] != shapes[n])
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint {file}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}, other shapes {wrong[:3]})")
+        with torch.no_grad():
+            for n, t in zero.state_items(model, skip=tied, modify=True):
+                if rank == 0 or not hasattr(t, "ds_id"):  # a buffer is every rank's own
+                    t.copy_(f.get_tensor(n))
+
+
 def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream, accelerator=None) -> int:
     path = Path(path)
     rank = accelerator.process_index if accelerator else 0
@@ -134,7 +154,9 @@ def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, strea
         load_full_state_dict(model, load_file(str(path / "student.safetensors")))
         load_full_optimizer_state(model, optimizer, state["optimizer"])
     elif accelerator is not None and zero.uses_deepspeed(accelerator):
-        with zero.gathered(model, modify=True):  # ZeRO-3: rank 0's copy is partitioned back
+        if zero.partitioned(model):
+            _load_partitioned(model, path / "student.safetensors", rank)
+        else:
             _load_weights(model, path / "student.safetensors")
         zero.load_optimizer(path, optimizer, rank, accelerator.num_processes)
     else:

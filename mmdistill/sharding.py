@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from mmdistill.zero import gathered, partitioned
+from mmdistill.zero import partitioned, state_items
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,8 +123,7 @@ def no_sync(accelerator, model: torch.nn.Module):
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU: on rank 0 only, or on every rank (`everywhere`)."""
     if not is_sharded(model):
-        with gathered(model):
-            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in state_items(model)}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
     return {k: v.detach().cpu() for k, v in state.items()}
 
@@ -135,13 +134,16 @@ def tied_names(model: torch.nn.Module) -> set[str]:
     return {n for n, t in model.state_dict(keep_vars=True).items() if first.setdefault(id(t), n) != n}
 
 
-def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def untied_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """Each weight once, under its first name, copied to the CPU: safetensors refuses tensors
     that share storage, as tied embeddings do, and as all of DeepSpeed's flattened parameters do.
-    A ZeRO-3 model is gathered first: every rank calls this."""
-    tied = tied_names(model)
-    with gathered(model):
-        return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n not in tied}
+    A ZeRO-3 model is gathered one parameter at a time: every rank calls this, and only those
+    that `keep` the copies (the writer) hold them (empty for the others)."""
+    out = {}
+    for n, t in state_items(model, skip=tied_names(model)):
+        if keep:
+            out[n] = t.detach().to("cpu", copy=True)
+    return out
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -159,6 +161,13 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 def full_parameters(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     """The model's parameters, each gathered whole while it is read."""
+    if partitioned(model):  # ZeRO-3: each gathered while it is read
+        params = {id(p) for p in model.parameters()}
+        for _, p in state_items(model):
+            if id(p) in params:
+                params.discard(id(p))  # a tied weight once, where parameters() has it
+                yield p
+        return
     for p in model.parameters():
         yield p.full_tensor() if isinstance(p, DTensor) else p
 

@@ -6,7 +6,6 @@ import copy
 import torch
 
 from mmdistill.sharding import full_parameters
-from mmdistill.zero import gathered
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,9 +49,8 @@ class Teacher:
     def update(self, student: torch.nn.Module) -> None:
         if self.mode != "ema":
             return
-        with gathered(student):  # a ZeRO-3 student; an FSDP one is gathered parameter by parameter
-            for t, s in zip(self._model.parameters(), full_parameters(student)):
-                t.lerp_(s.detach().to(t.dtype), 1.0 - self.ema_decay)
+        for t, s in zip(self._model.parameters(), full_parameters(student)):  # sharded: gathered one by one
+            t.lerp_(s.detach().to(t.dtype), 1.0 - self.ema_decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._model.state_dict() if self.owns_weights else {}

@@ -272,7 +272,7 @@ def _run(cfg: DictConfig, accelerator) -> Path:
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
     if zero.uses_deepspeed(accelerator) and (accelerator.is_main_process or zero.partitioned(plain)):
-        weights = untied_state_dict(plain)  # standalone copies of DeepSpeed's flat buffers (ZeRO-3: gathered)
+        weights = untied_state_dict(plain, keep=accelerator.is_main_process)  # copies of DeepSpeed's flat buffers
     if accelerator.is_main_process:
         save_pretrained(plain, final, weights)
         proc.save_pretrained(final)
@@ -324,7 +324,8 @@ def weights_checksum(model: torch.nn.Module) -> str:
     """A digest of the weights: equal across ranks when data-parallel training keeps them in sync
     (a sharded model's are gathered first, so every rank digests the same whole weights)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(full_state_dict(model, everywhere=True).items()):
+    items = full_state_dict(model, everywhere=True).items() if is_sharded(model) else zero.state_items(model)
+    for name, tensor in items:  # ZeRO-3: gathered one at a time
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

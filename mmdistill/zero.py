@@ -6,7 +6,8 @@ the processes, ZeRO-2 the gradients too, ZeRO-3 the weights as well. Under stage
 process keeps the whole weights, so rollouts, evaluation and self-teachers work as under DDP.
 Under ZeRO-3 a forward is a collective that gathers each block's weights: rollouts run
 `generate(synced_gpus=True)`, evaluation runs on every rank, and whatever reads all the weights
-(checkpoints, the EMA self-teacher, the final save) gathers them first (`gathered`). The
+(checkpoints, the EMA self-teacher, the final save) gathers them one parameter at a time
+(`state_items`), so no rank holds the whole model on its device at once. The
 teacher is never given to DeepSpeed: it is frozen and whole on every process.
 
 mmdistill's config decides the batch, accumulation and clipping (train.batch_size, train.grad_accum,
@@ -25,7 +26,7 @@ DeepSpeed would not have gathered them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Container, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -106,17 +107,26 @@ def partitioned(model: torch.nn.Module) -> bool:
     return param is not None and hasattr(param, "ds_id")
 
 
-@contextlib.contextmanager
-def gathered(model: torch.nn.Module, modify: bool = False):
-    """A ZeRO-3 model's whole weights while the block runs (a collective: every rank enters);
-    `modify`: what rank 0 writes into them is kept. Nothing to do for any other model."""
+def state_items(model: torch.nn.Module, skip: Container[str] = (), modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the model's state dict, in its order, leaving out the names in `skip`.
+    A ZeRO-3 model's parameters are gathered one at a time, each while the caller holds it: no
+    rank ever holds the whole model on its device, and the walk is a
+    collective (every rank walks all of it). `modify`: what rank 0 writes into a parameter is
+    kept. Tensors are the model's own (parameters included): detach before keeping one."""
+    params = list(model.state_dict(keep_vars=True).items())
     if not partitioned(model):
-        yield
+        yield from ((n, t) for n, t in params if n not in skip)
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0 if modify else None):
-        yield
+    for n, t in params:
+        if n in skip:
+            continue
+        if not hasattr(t, "ds_id"):  # a buffer: never partitioned
+            yield n, t
+            continue
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=0 if modify else None):
+            yield n, t
 
 
 @contextlib.contextmanager
