@@ -120,12 +120,19 @@ def no_sync(accelerator, model: torch.nn.Module):
         model.set_requires_gradient_sync(True)
 
 
-def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU: on rank 0 only, or on every rank (`everywhere`)."""
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU (of rank 0 only, for an FSDP model)."""
     if not is_sharded(model):
         return {k: v.detach().to("cpu", copy=True) for k, v in state_items(model)}
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not everywhere))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def whole_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of the model's state dict, one entry gathered at a time for a sharded
+    model (FSDP, ZeRO-3), on every rank: a collective walk that never holds the whole model."""
+    for name, t in state_items(model):
+        yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
@@ -160,16 +167,13 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def full_parameters(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """The model's parameters, each gathered whole while it is read."""
-    if partitioned(model):  # ZeRO-3: each gathered while it is read
-        params = {id(p) for p in model.parameters()}
-        for _, p in state_items(model):
-            if id(p) in params:
-                params.discard(id(p))  # a tied weight once, where parameters() has it
-                yield p
-        return
-    for p in model.parameters():
-        yield p.full_tensor() if isinstance(p, DTensor) else p
+    """The model's parameters in `parameters()` order, each gathered whole while it is read
+    (see whole_items); buffers and second names of tied weights left out."""
+    params = {id(p) for p in model.parameters()}
+    for _, t in state_items(model):
+        if id(t) in params:
+            params.discard(id(t))
+            yield t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _bare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

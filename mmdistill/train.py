@@ -33,7 +33,8 @@ from mmdistill.evaluate import accuracy
 from mmdistill.methods import build_method
 from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
-from mmdistill.sharding import collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict
+from mmdistill.sharding import (collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict,
+                                whole_items)
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -322,10 +323,9 @@ def timed(into: dict[str, float], key: str):
 
 def weights_checksum(model: torch.nn.Module) -> str:
     """A digest of the weights: equal across ranks when data-parallel training keeps them in sync
-    (a sharded model's are gathered first, so every rank digests the same whole weights)."""
+    (a sharded model's are gathered one entry at a time, so every rank digests the same whole weights)."""
     digest = hashlib.sha256()
-    items = full_state_dict(model, everywhere=True).items() if is_sharded(model) else zero.state_items(model)
-    for name, tensor in items:  # ZeRO-3: gathered one at a time
+    for name, tensor in whole_items(model):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
