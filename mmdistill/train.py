@@ -157,9 +157,8 @@ def _run(cfg: DictConfig, accelerator) -> Path:
     stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
     total = stream.ends[-1]
     test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
-    optimizer = torch.optim.AdamW(
-        [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = zero.build_optimizer(accelerator, [p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                     betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * total), total)
     # The student is wrapped for gradient sync (DDP, or DeepSpeed's engine) or sharded (FSDP2,
     # which syncs itself); the frozen teacher never is wrapped: it stays in eval mode, whole on

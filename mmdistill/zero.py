@@ -17,8 +17,11 @@ reduces), and the engine steps once per optimizer step, so a step cut short by t
 data still applies what it accumulated. The step's helpers (micro_batch, backward,
 optimizer_step) serve every launch, DDP and FSDP too: DeepSpeed is the one that differs.
 
+CPU offload of the optimizer state (any stage) and of the weights (stage 3) is DeepSpeed's own;
+the optimizer is then DeepSpeed's CPU AdamW, which it requires there (`build_optimizer`).
+
 Refused, each with a line naming the config key: stage 0 (plain data-parallel:
-configs/accelerate/ddp.yaml), offload, fp16 (loss scaling) and zero3_init_flag (models are
+configs/accelerate/ddp.yaml), nvme offload, fp16 (loss scaling) and zero3_init_flag (models are
 built whole, then partitioned by the engine); and under ZeRO-3 a student that is not a Hugging
 Face model (a composite VLM's tower weights are read outside its modules' forward, where
 DeepSpeed would not have gathered them).
@@ -70,9 +73,13 @@ def configure(plugin, cfg, num_processes: int) -> None:
             "stage 0 shards nothing; use configs/accelerate/ddp.yaml" if stage == 0 else "unknown stage")
             + ", or zero_stage 1, 2 or 3")
     for key in ("offload_optimizer", "offload_param"):
-        device = str((zero.get(key) or {}).get("device", "none")).lower()
-        if device not in ("none", "null"):
-            raise ConfigError(f"accelerate config {key}_device={device}: DeepSpeed offload is not supported; set it to none")
+        device = offload_device(ds, key)
+        if device not in ("none", "cpu"):
+            raise ConfigError(f"accelerate config {key}_device={device}: mmdistill offloads to the CPU only; "
+                              "set it to cpu or none")
+        if key == "offload_param" and device == "cpu" and stage != 3:
+            raise ConfigError(f"accelerate config offload_param_device=cpu: parameters are offloaded at zero_stage 3 only "
+                              f"(this config has {stage}); set it to none or use stage 3")
     if (ds.get("fp16") or {}).get("enabled") in (True, "true"):
         raise ConfigError("accelerate config mixed_precision=fp16: fp16 (loss scaling) is not supported under DeepSpeed; "
                          "use bf16 or no")
@@ -90,6 +97,25 @@ def configure(plugin, cfg, num_processes: int) -> None:
     ds["gradient_clipping"] = float(cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else 0.0
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW, built by mmdistill
     ds["steps_per_print"] = 2**31 - 1  # our logging, not DeepSpeed's
+
+
+def offload_device(ds: dict, key: str) -> str:
+    """"none", "cpu" or "nvme": where DeepSpeed keeps the optimizer state ("offload_optimizer")
+    or the parameters ("offload_param")."""
+    device = str(((ds.get("zero_optimization") or {}).get(key) or {}).get("device", "none")).lower()
+    return "none" if device == "null" else device
+
+
+def build_optimizer(accelerator, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float],
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; with the optimizer state offloaded to the CPU, DeepSpeed's CPU AdamW (the same
+    update, vectorised on the CPU; compiled by DeepSpeed on first use), which it requires there."""
+    if uses_deepspeed(accelerator) and offload_device(accelerator.state.deepspeed_plugin.deepspeed_config,
+                                                      "offload_optimizer") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def check_student(ds: dict, student: torch.nn.Module) -> None:

@@ -301,10 +301,13 @@ def test_deepspeed_zero_trains_like_data_parallel(fsdp, zero):
     """Partitioning the optimizer, gradients (and under ZeRO-3 the weights) changes where they
     live, not the math: the same losses, gradient norms and final weights as DDP, with
     identical replicas. Under ZeRO-3 the rollouts, the EMA teacher and the checkpoints gather."""
+    assert_like_data_parallel(fsdp[0], zero[0])
+
+
+def assert_like_data_parallel(ddp_run: Path, run: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    ddp_run, run = fsdp[0], zero[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distributed"] == "DEEPSPEED" and summary["processes"] == 2
     assert len(set(summary["replica_checksums"])) == 1
@@ -325,6 +328,41 @@ def test_deepspeed_zero_trains_like_data_parallel(fsdp, zero):
 
 def test_deepspeed_zero_resume_matches_the_uninterrupted_run(zero):
     assert_resumed_like(*zero)
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory):
+    """The zero fixture's run at stage 3 with the parameters and the optimizer state offloaded
+    to the CPU (DeepSpeed's CPU AdamW), and resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("offload")
+    config = zero_config(root, 3, **{"offload_optimizer_device: none": "offload_optimizer_device: cpu",
+                                     "offload_param_device: none": "offload_param_device: cpu"})
+    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
+            "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
+    run, resumed = root / "run", root / "resumed"
+    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config)
+    assert r.returncode == 0, r.stderr[-4000:]
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny", config_file=config)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resumed from" in r.stdout + r.stderr
+    return run, resumed
+
+
+def test_deepspeed_offload_trains_like_data_parallel_and_resumes(fsdp, offloaded):
+    """Offloading moves the weights and the optimizer state to the CPU, not the math. A resume
+    restores the float32 masters and moments: step 3 is logged exactly; step 4, after the first
+    update since the resume, to float rounding (DeepSpeed's CPU Adam recomputes beta^t with pow
+    where the unbroken run multiplied it up step by step)."""
+    run, resumed = offloaded
+    assert_like_data_parallel(fsdp[0], run)
+    a = {r["step"]: r for r in rows(run)}
+    b = {r["step"]: r for r in rows(resumed)}
+    assert sorted(b) == [1, 2, 3, 4]
+    assert all(a[3][key] == b[3][key] for key in DETERMINISTIC)
+    for key in ("loss", "grad_norm"):
+        assert math.isclose(a[4][key], b[4][key], rel_tol=1e-4, abs_tol=1e-7), key
 
 
 def test_a_zero_checkpoint_is_not_resumed_without_deepspeed(zero):
