@@ -5,8 +5,9 @@
 Every method scores the SAME rollouts (same prompts, same sampled responses), so the
 comparison isolates what a method adds: its extra view forwards and its loss. A step is
 rollout + the views' forwards + the loss + backward + optimizer; the rollout is timed once per
-repeat and added to every method's step. Prints the split (ms), tokens/s and each step's ratio
-to vanilla OPD. Issue 6's targets: DOPD <= 1.3x and AR-OPD <= 1.4x an OPD step.
+repeat and added to every method's step; the methods run in a new random order each repeat.
+Prints the split (ms, medians), tokens/s and the median over repeats of each step's ratio to
+vanilla OPD in the same repeat. Issue 6's targets: DOPD <= 1.3x and AR-OPD <= 1.4x an OPD step.
 
 Setups: `text` = the shipped arithmetic student and teacher (configs/dopd.yaml: 32 prompts,
 32 new tokens); `vlm` = configs/tiny_vlm.yaml's composite student and teacher on scenes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import random
 import statistics
 import time
 
@@ -68,12 +70,13 @@ def bench(setup: str, methods: list[str], repeats: int, share_prefix: bool, roll
     rows: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PARTS} for m in methods}
     views_split: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     tokens = 0
+    order = random.Random(0)
     for r in range(repeats + 1):  # the first round warms up
         t0 = time.perf_counter()
         batch = adapter.rollout(student, samples, cfg.rollout)
         rollout_s = time.perf_counter() - t0
         tokens = batch.num_tokens
-        for m in methods:
+        for m in order.sample(methods, len(methods)):  # a new order each round: no method always runs first
             method = build_method(m, **method_options(load_config(name, [*overrides, f"method={m}"])))
             views = Views(adapter, undrawn(batch), student, teacher.model, method.views, share_prefix)
             t0 = time.perf_counter()
@@ -95,12 +98,13 @@ def bench(setup: str, methods: list[str], repeats: int, share_prefix: bool, roll
 
     print(f"\n== {setup}: config {name}, {len(samples)} prompts x {rollouts} rollouts, share_prefix={share_prefix}, {tokens} response tokens per step, {repeats} repeats (median ms)")
     print(f"{'method':<8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'tok/s':>9}{'x opd':>7}  views (ms)")
-    base = None
+    steps = {m: [sum(rows[m][p][r] for p in PARTS) for r in range(repeats)] for m in methods}
     for m in methods:
         med = {p: statistics.median(rows[m][p]) for p in PARTS}
         step = sum(med.values())
-        base = step if m == "opd" else base
-        ratio = f"{step / base:.2f}" if base else "-"
+        # the median over rounds of each round's ratio: both steps of a ratio ran on the same rollouts,
+        # seconds apart, so a machine that slows for a while slows both
+        ratio = f"{statistics.median(a / b for a, b in zip(steps[m], steps['opd'])):.2f}" if "opd" in steps else "-"
         split = ", ".join(f"{v}={1000 * statistics.median(t):.0f}" for v, t in views_split[m].items())
         print(f"{m:<8}" + "".join(f"{1000 * med[p]:>10.1f}" for p in PARTS) + f"{1000 * step:>10.1f}{tokens / step:>9.0f}{ratio:>7}  {split}")
 
