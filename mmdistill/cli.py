@@ -53,6 +53,9 @@ def _train(args: argparse.Namespace) -> int:
     except (FileExistsError, ConfigError) as exc:  # a finished run's directory, a launch it cannot honour: one line
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a non-finite loss: every rank stops at the same step
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -115,12 +115,18 @@ def train(cfg: DictConfig) -> Path:
     if cfg.train.fsdp and accelerator.num_processes < 2:
         raise ValueError("train.fsdp=true shards the student across processes: launch 2 or more "
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
-    run_dir = _run(cfg, accelerator)
+    failed = None
+    try:
+        run_dir = _run(cfg, accelerator)
+    except FloatingPointError as exc:  # every rank stops at the same step (_stop_if_not_finite)
+        failed = str(exc)  # kept as text: the traceback would keep the models alive
     # Models, optimizers and their process-group work go before the process group does: freed
     # later, at interpreter exit, gloo's threads could still hold tensors and abort the process.
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()
+    if failed is not None:
+        raise FloatingPointError(failed)
     return run_dir
 
 
@@ -215,8 +221,7 @@ def _run(cfg: DictConfig, accelerator) -> Path:
                               init=init)
                 with timed(timing, "time_loss"):
                     loss, metrics = method.loss(views, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: loss is {loss.item()} (metrics {metrics})")
+                _stop_if_not_finite(accelerator, step, loss, run_dir)
                 with timed(timing, "time_backward"):
                     zero.backward(accelerator, student, loss / len(micro_batches))
             for name, seconds in views.seconds.items():
@@ -288,6 +293,18 @@ def _run(cfg: DictConfig, accelerator) -> Path:
     accelerator.print(f"student saved to {final}")
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _stop_if_not_finite(accelerator, step: int, loss: torch.Tensor, run_dir: Path) -> None:
+    """A NaN or infinite loss on any rank stops every rank at once, before its backward: nothing
+    of the step is applied, and no rank is left waiting in a collective for one that stopped."""
+    bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=accelerator.device))
+    ranks = [r for r, b in enumerate(bad.tolist()) if b]
+    if ranks:
+        newest = list_checkpoints(run_dir)
+        since = f"the newest checkpoint is {newest[-1]} (train.resume=auto continues from it)" if newest else "no checkpoint yet"
+        raise FloatingPointError(f"step {step}: the loss is not finite on rank(s) {ranks} (this rank's: {loss.item()}); "
+                                 f"the step was not applied; {since}")
 
 
 def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) -> float:

@@ -29,12 +29,14 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
-def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config_file: str | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` with flags, or with one of configs/accelerate/ (`config_file`)."""
+def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config_file: str | None = None,
+           script: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with flags, or with one of configs/accelerate/ (`config_file`);
+    `script`: a file that runs `mmdistill.cli.main` on its arguments, instead of `-m mmdistill`."""
     how = ["--config_file", config_file] if config_file else \
         ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", "0",
-           "-m", "mmdistill", "train", config, *overrides]
+           *([str(script)] if script else ["-m", "mmdistill"]), "train", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
 
 
@@ -283,15 +285,20 @@ def zero(tmp_path_factory, request):
     partitioned across the 2 processes) and ZeRO-3 (the weights too), and resumed from its
     step-2 checkpoint."""
     root = tmp_path_factory.mktemp(f"zero{request.param}")
-    config = zero_config(root, request.param)
+    return run_and_resume(root, zero_config(root, request.param))
+
+
+def run_and_resume(root: Path, config_file: str) -> tuple[Path, Path]:
+    """The fsdp fixture's DOPD run (4 steps) under an accelerate config file, and the same run
+    resumed from its step-2 checkpoint."""
     base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
             "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
     run, resumed = root / "run", root / "resumed"
-    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config)
+    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config_file)
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny", config_file=config)
+    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny", config_file=config_file)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stdout + r.stderr
     return run, resumed
@@ -335,19 +342,8 @@ def offloaded(tmp_path_factory):
     """The zero fixture's run at stage 3 with the parameters and the optimizer state offloaded
     to the CPU (DeepSpeed's CPU AdamW), and resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("offload")
-    config = zero_config(root, 3, **{"offload_optimizer_device: none": "offload_optimizer_device: cpu",
-                                     "offload_param_device: none": "offload_param_device: cpu"})
-    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
-            "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
-    run, resumed = root / "run", root / "resumed"
-    r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config)
-    assert r.returncode == 0, r.stderr[-4000:]
-    shutil.copytree(run, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    r = launch(*base, f"train.output_dir={resumed}", "train.resume=auto", config="tiny", config_file=config)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "resumed from" in r.stdout + r.stderr
-    return run, resumed
+    return run_and_resume(root, zero_config(root, 3, **{"offload_optimizer_device: none": "offload_optimizer_device: cpu",
+                                                       "offload_param_device: none": "offload_param_device: cpu"}))
 
 
 def test_deepspeed_offload_trains_like_data_parallel_and_resumes(fsdp, offloaded):
@@ -442,3 +438,26 @@ def test_a_sharded_teacher_scores_like_a_replicated_one(tmp_path, student_fsdp):
         for key in ("loss", "grad_norm"):
             assert math.isclose(x[key], y[key], rel_tol=1e-5), (x["step"], key)
         assert x["tokens"] == y["tokens"]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's loss turns NaN at step 2 (rank 0's does not): both ranks stop at that step with
+    the same line, before any backward, instead of rank 0 waiting for rank 1 in a collective."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_train_loop import nan_at\n"
+        "from mmdistill.methods.opd import OPD\n"
+        "OPD.loss = nan_at(2, rank=1)\n"
+        "from mmdistill.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "run"
+    r = launch(f"train.output_dir={run}", "train.max_steps=4", "train.checkpoint_every=1", "eval.num_samples=0",
+               "train.sample_every=0", config="tiny", script=script)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("mmdistill: step 2: the loss is not finite on rank(s) [1]")]
+    assert len(lines) == 2, r.stderr[-3000:]  # one from each rank
+    assert sorted("this rank's: nan" in l for l in lines) == [False, True]
+    assert all("step_00000001" in l for l in lines)
+    assert [row["step"] for row in rows(run)] == [1]

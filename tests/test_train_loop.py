@@ -84,3 +84,42 @@ def test_sharing_the_prompt_prefix_trains_like_scoring_each_view_alone(tmp_path)
             assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4, abs_tol=1e-6), (method, a["step"])
         for k in shared:
             assert torch.allclose(shared[k], alone[k], atol=1e-4), (method, k)
+
+
+def nan_at(step: int, rank: int | None = None):
+    """OPD's loss, made NaN on its `step`-th call (on one rank only, when given): a diverged step."""
+    import os
+
+    from mmdistill.methods.opd import OPD
+
+    real, calls = OPD.loss, []
+
+    def loss(self, views, batch):
+        value, metrics = real(self, views, batch)
+        calls.append(1)
+        if len(calls) == step and (rank is None or int(os.environ.get("RANK", "0")) == rank):
+            value = value * float("nan")
+        return value, metrics
+    return loss
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(tmp_path, monkeypatch, capsys):
+    """A NaN loss at step 3 stops the run with one line naming the step and the newest
+    checkpoint (step 2), which is intact; nothing of step 3 is written (no row, checkpoint or
+    final student)."""
+    from mmdistill.cli import main
+    from mmdistill.methods.opd import OPD
+
+    monkeypatch.setattr(OPD, "loss", nan_at(3))
+    out = tmp_path / "run"
+    code = main(["train", "tiny", f"train.output_dir={out}", "eval.num_samples=0", "train.max_steps=5",
+                 "train.checkpoint_every=2", "train.sample_every=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("mmdistill: step 3: the loss is not finite on rank(s) [0] (this rank's: nan); "
+                              "the step was not applied; the newest checkpoint is ") and "step_00000002" in err[-1]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not (out / "student").exists() and not (out / "checkpoints" / "step_00000003").exists()
+    weights = load_file(str(out / "checkpoints" / "step_00000002" / "student.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
