@@ -41,6 +41,7 @@ def _train(args: argparse.Namespace) -> int:
                *([config] if config is not None else []), *overrides]
         return subprocess.call(cmd)
     from mmdistill.sharding import launcher_fsdp
+    from mmdistill.stopping import Stopped
     from mmdistill.train import train
 
     try:
@@ -56,6 +57,9 @@ def _train(args: argparse.Namespace) -> int:
     except FloatingPointError as exc:  # a non-finite loss: every rank stops at the same step
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:  # a scheduler's signal: checkpointed, resumable
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return exc.code
     return 0
 
 

@@ -35,6 +35,7 @@ from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill.sharding import (collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict,
                                 whole_items)
+from mmdistill.stopping import SignalStop, Stopped, stop_if_not_finite
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -117,20 +118,21 @@ def train(cfg: DictConfig) -> Path:
                          "(accelerate launch --num_processes N -m mmdistill train ...)")
     failed = None
     try:
-        run_dir = _run(cfg, accelerator)
-    except FloatingPointError as exc:  # every rank stops at the same step (_stop_if_not_finite)
-        failed = str(exc)  # kept as text: the traceback would keep the models alive
+        with SignalStop() as stop:
+            run_dir = _run(cfg, accelerator, stop)
+    except (FloatingPointError, Stopped) as exc:  # every rank stops at the same step (stopping.py)
+        failed = exc.with_traceback(None)  # the traceback would keep the models alive
     # Models, optimizers and their process-group work go before the process group does: freed
     # later, at interpreter exit, gloo's threads could still hold tensors and abort the process.
     accelerator.free_memory()
     gc.collect()
     accelerator.end_training()
     if failed is not None:
-        raise FloatingPointError(failed)
+        raise failed
     return run_dir
 
 
-def _run(cfg: DictConfig, accelerator) -> Path:
+def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
     """The run itself; what it builds is freed when it returns (see train)."""
     set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
     run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
@@ -221,7 +223,7 @@ def _run(cfg: DictConfig, accelerator) -> Path:
                               init=init)
                 with timed(timing, "time_loss"):
                     loss, metrics = method.loss(views, batch)
-                _stop_if_not_finite(accelerator, step, loss, run_dir)
+                stop_if_not_finite(accelerator, step, loss, run_dir)
                 with timed(timing, "time_backward"):
                     zero.backward(accelerator, student, loss / len(micro_batches))
             for name, seconds in views.seconds.items():
@@ -267,6 +269,8 @@ def _run(cfg: DictConfig, accelerator) -> Path:
         saved = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0
         if saved:
             save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
+        if stop.agreed(accelerator):  # a scheduler's signal on any rank: checkpoint this step, then exit
+            break
     bar.close()
     rollouts.close()
     if logger:
@@ -274,6 +278,8 @@ def _run(cfg: DictConfig, accelerator) -> Path:
 
     if step > start and not saved and cfg.train.keep_checkpoints:  # the last step's checkpoint, unless just written
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
+    if stop.signum:
+        raise stop.stopped(step, run_dir)
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
     if zero.uses_deepspeed(accelerator) and (accelerator.is_main_process or zero.partitioned(plain)):
@@ -293,18 +299,6 @@ def _run(cfg: DictConfig, accelerator) -> Path:
     accelerator.print(f"student saved to {final}")
     accelerator.wait_for_everyone()
     return run_dir
-
-
-def _stop_if_not_finite(accelerator, step: int, loss: torch.Tensor, run_dir: Path) -> None:
-    """A NaN or infinite loss on any rank stops every rank at once, before its backward: nothing
-    of the step is applied, and no rank is left waiting in a collective for one that stopped."""
-    bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=accelerator.device))
-    ranks = [r for r, b in enumerate(bad.tolist()) if b]
-    if ranks:
-        newest = list_checkpoints(run_dir)
-        since = f"the newest checkpoint is {newest[-1]} (train.resume=auto continues from it)" if newest else "no checkpoint yet"
-        raise FloatingPointError(f"step {step}: the loss is not finite on rank(s) {ranks} (this rank's: {loss.item()}); "
-                                 f"the step was not applied; {since}")
 
 
 def _evaluate(accelerator, adapter, model, test: list[dict], cfg: DictConfig) -> float:

@@ -44,6 +44,24 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def assert_same_steps(full: Path, other: Path, steps: int) -> None:
+    """`other` logged steps 1..steps exactly as `full` did."""
+    a = {row["step"]: row for row in rows(full)}
+    b = {row["step"]: row for row in rows(other)}
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        for key in DETERMINISTIC:
+            assert a[step][key] == b[step][key], (step, key)
+
+
+def wait_for_rows(proc: subprocess.Popen, run: Path, n: int) -> None:
+    """Until the running `proc` has logged `n` steps into `run`."""
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and len(rows(run)) >= n):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.01)
+
+
 def assert_resumed_like(full: Path, resumed: Path) -> None:
     """A 4-step run resumed from its step-2 checkpoint logs steps 3-4 exactly as the run that was
     never stopped, and ends with the same weights."""
@@ -154,12 +172,82 @@ def test_sigkill_mid_training_then_resume_gives_the_same_losses(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step_00000099" not in r.stdout + r.stderr
-    a = {row["step"]: row for row in rows(full)}
-    b = {row["step"]: row for row in rows(killed)}
-    assert sorted(b) == list(range(1, 31))
-    for step in range(1, 31):
-        for key in DETERMINISTIC:
-            assert a[step][key] == b[step][key], (step, key)
+    assert_same_steps(full, killed, 30)
+
+
+def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
+    """SIGTERM (a scheduler's time limit, a preemption) lets the run finish its step, write its
+    checkpoint and exit with 143 and one line; the resumed run logs exactly the uninterrupted
+    run's losses, with no step lost or repeated."""
+    base = ["tiny", "train.max_steps=30", "train.keep_checkpoints=2", "eval.num_samples=0", "train.sample_every=0"]
+    cmd = [sys.executable, "-m", "mmdistill", "train", *base]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen([*cmd, f"train.output_dir={stopped}"], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(proc, stopped, 3)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 143, err[-3000:]
+    last = rows(stopped)[-1]["step"]
+    assert 3 <= last < 30
+    assert err.strip().splitlines()[-1] == (f"mmdistill: stopped by SIGTERM after step {last}; the newest checkpoint is "
+                                            f"{stopped / 'checkpoints' / f'step_{last:08d}'} (train.resume=auto continues from it)")
+    assert not (stopped / "student").exists()
+    r = subprocess.run([*cmd, f"train.output_dir={stopped}", "train.resume=auto"], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_steps(full, stopped, 30)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGUSR1 (a scheduler's warning) during step 2: both ranks finish step 2,
+    write its checkpoint together (both rank files) and exit with one line each; the run resumes
+    from it."""
+    script = tmp_path / "usr1_on_rank_1.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from mmdistill.methods.opd import OPD\n"
+        "real, calls = OPD.loss, []\n"
+        "def loss(self, views, batch):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2 and os.environ['RANK'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return real(self, views, batch)\n"
+        "OPD.loss = loss\n"
+        "from mmdistill.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "run"
+    common = [f"train.output_dir={run}", "train.max_steps=4", "eval.num_samples=0", "train.sample_every=0"]
+    r = launch(*common, config="tiny", script=script)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("mmdistill: stopped by SIGUSR1 after step 2; the newest checkpoint is ")]
+    assert len(lines) == 2, r.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert [row["step"] for row in rows(run)] == [1, 2] and not (run / "student").exists()
+    r = launch(*common, "train.resume=auto", config="tiny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in rows(run)] == [1, 2, 3, 4]
+
+
+def test_sigterm_to_the_launcher_stops_both_ranks_after_one_step(tmp_path):
+    """SIGTERM to `accelerate launch` (what a scheduler signals): its agent passes it on, and
+    both ranks finish the same step, checkpoint it and say so."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "mmdistill", "train", "tiny",
+           "train.max_steps=200", "eval.num_samples=0", "train.sample_every=0", f"train.output_dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(proc, run, 3)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0
+    last = rows(run)[-1]["step"]
+    lines = [l for l in err.splitlines() if l.startswith(f"mmdistill: stopped by SIGTERM after step {last}; ")]
+    assert len(lines) == 2, err[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{last:08d}").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
 
 
 @pytest.fixture(scope="module")
