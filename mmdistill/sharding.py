@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from mmdistill.zero import partitioned, state_items
+from mmdistill.zero import one_by_one, partitioned, state_items
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -167,13 +167,9 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 
 def full_parameters(model: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """The model's parameters in `parameters()` order, each gathered whole while it is read
-    (see whole_items); buffers and second names of tied weights left out."""
-    params = {id(p) for p in model.parameters()}
-    for _, t in state_items(model):
-        if id(t) in params:
-            params.discard(id(t))
-            yield t.full_tensor() if isinstance(t, DTensor) else t
+    """The model's parameters, each gathered whole while it is read (FSDP, ZeRO-3)."""
+    for _, p in one_by_one(model.named_parameters()):
+        yield p.full_tensor() if isinstance(p, DTensor) else p
 
 
 def _bare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -71,4 +71,5 @@ class SignalStop:
         return self.signum
 
     def stopped(self, step: int, run_dir: Path) -> Stopped:
+        """The exception for the signal last agreed on."""
         return Stopped(f"stopped by {signal.Signals(self.signum).name} after step {step}; {_newest(run_dir)}", self.signum)

@@ -201,7 +201,7 @@ def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
     rollouts = RolloutLog(run_dir, accelerator.process_index, start, cfg.train.sample_every, adapter)
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.method.name}",
                disable=not (cfg.train.progress and accelerator.is_local_main_process))
-    step, saved = start, False
+    step, saved, stopped = start, False, 0
     for step in range(start + 1, total + 1):
         stream.enter(stream.stage_of(step))
         t0 = time.perf_counter()
@@ -269,7 +269,8 @@ def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
         saved = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0
         if saved:
             save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
-        if stop.agreed(accelerator):  # a scheduler's signal on any rank: checkpoint this step, then exit
+        stopped = stop.agreed(accelerator)  # a scheduler's signal on any rank: checkpoint this step, then exit
+        if stopped:
             break
     bar.close()
     rollouts.close()
@@ -278,7 +279,7 @@ def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
 
     if step > start and not saved and cfg.train.keep_checkpoints:  # the last step's checkpoint, unless just written
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
-    if stop.signum:
+    if stopped:  # as agreed in the loop: a signal after it changes nothing, on any rank
         raise stop.stopped(step, run_dir)
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part

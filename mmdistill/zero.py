@@ -7,7 +7,7 @@ process keeps the whole weights, so rollouts, evaluation and self-teachers work 
 Under ZeRO-3 a forward is a collective that gathers each block's weights: rollouts run
 `generate(synced_gpus=True)`, evaluation runs on every rank, and whatever reads all the weights
 (checkpoints, the EMA self-teacher, the final save) gathers them one parameter at a time
-(`state_items`), so no rank holds the whole model on its device at once. The
+(`one_by_one`), so no rank holds the whole model on its device at once. The
 teacher is never given to DeepSpeed: it is frozen and whole on every process.
 
 mmdistill's config decides the batch, accumulation and clipping (train.batch_size, train.grad_accum,
@@ -29,7 +29,7 @@ DeepSpeed would not have gathered them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -133,26 +133,26 @@ def partitioned(model: torch.nn.Module) -> bool:
     return param is not None and hasattr(param, "ds_id")
 
 
-def state_items(model: torch.nn.Module, skip: Container[str] = (), modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the model's state dict, in its order, leaving out the names in `skip`.
-    A ZeRO-3 model's parameters are gathered one at a time, each while the caller holds it: no
-    rank ever holds the whole model on its device, and the walk is a
-    collective (every rank walks all of it). `modify`: what rank 0 writes into a parameter is
-    kept. Tensors are the model's own (parameters included): detach before keeping one."""
-    params = list(model.state_dict(keep_vars=True).items())
-    if not partitioned(model):
-        yield from ((n, t) for n, t in params if n not in skip)
-        return
-    import deepspeed
-
-    for n, t in params:
-        if n in skip:
-            continue
-        if not hasattr(t, "ds_id"):  # a buffer: never partitioned
+def one_by_one(items: Iterable[tuple[str, torch.Tensor]], modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs as given, each ZeRO-3 parameter among them gathered while the
+    caller holds it: no rank ever holds the whole model on its device. For a ZeRO-3 model the
+    walk is a collective (every rank walks all of it); anything else passes through. `modify`:
+    what rank 0 writes into a parameter is kept. Tensors are the model's own: detach before
+    keeping one."""
+    for n, t in items:
+        if not hasattr(t, "ds_id"):  # not partitioned (a buffer, or any other model's tensor)
             yield n, t
             continue
+        import deepspeed
+
         with deepspeed.zero.GatheredParameters([t], modifier_rank=0 if modify else None):
             yield n, t
+
+
+def state_items(model: torch.nn.Module, skip: Container[str] = (), modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the model's state dict, in its order, leaving out the names in `skip`,
+    each gathered while it is held (see one_by_one)."""
+    return one_by_one(((n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in skip), modify)
 
 
 @contextlib.contextmanager
