@@ -66,10 +66,12 @@ class SignalStop:
 
     def agreed(self, accelerator) -> int:
         """The signal any rank caught (the largest number if several), 0 if none."""
-        caught = torch.tensor([self.signum], device=accelerator.device)
-        self.signum = int(accelerator.reduce(caught, "max").item()) if accelerator.num_processes > 1 else self.signum
+        if accelerator.num_processes > 1:
+            caught = torch.tensor([self.signum], device=accelerator.device)
+            self.signum = int(accelerator.reduce(caught, "max").item())
         return self.signum
 
-    def stopped(self, step: int, run_dir: Path) -> Stopped:
-        """The exception for the signal last agreed on."""
-        return Stopped(f"stopped by {signal.Signals(self.signum).name} after step {step}; {_newest(run_dir)}", self.signum)
+
+def stopped_by(signum: int, step: int, run_dir: Path) -> Stopped:
+    """The exception for a signal the ranks agreed on, after the step they checkpointed."""
+    return Stopped(f"stopped by {signal.Signals(signum).name} after step {step}; {_newest(run_dir)}", signum)

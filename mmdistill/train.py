@@ -35,7 +35,7 @@ from mmdistill.metrics import MetricsLogger, RolloutLog
 from mmdistill.models import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill.sharding import (collective, full_state_dict, is_sharded, launcher_fsdp, shard, tied_names, untied_state_dict,
                                 whole_items)
-from mmdistill.stopping import SignalStop, Stopped, stop_if_not_finite
+from mmdistill.stopping import SignalStop, Stopped, stop_if_not_finite, stopped_by
 from mmdistill.teachers import Teacher, frozen_copy
 from mmdistill.views import VIEW_SPEC, Views
 
@@ -280,7 +280,7 @@ def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
     if step > start and not saved and cfg.train.keep_checkpoints:  # the last step's checkpoint, unless just written
         save_checkpoint(run_dir, step, **state, keep=cfg.train.keep_checkpoints)
     if stopped:  # as agreed in the loop: a signal after it changes nothing, on any rank
-        raise stop.stopped(step, run_dir)
+        raise stopped_by(stopped, step, run_dir)
     final = run_dir / "student"
     weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
     if zero.uses_deepspeed(accelerator) and (accelerator.is_main_process or zero.partitioned(plain)):
