@@ -64,16 +64,14 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     deepspeed = accelerator is not None and zero.uses_deepspeed(accelerator)
     if sharded:  # gathered whole (every rank takes part), written by the main process like any other
         weights, optim = full_state_dict(model), full_optimizer_state(model, optimizer)
-    if deepspeed:  # ZeRO: each rank writes its own optimizer partition (ZeRO-3: the weights gathered one by one)
-        zero.save_optimizer(tmp, optimizer, rank)
-        weights = untied_state_dict(model, keep=main) if main or zero.partitioned(model) else None
-        optim = None
-    if main:
-        if sharded or deepspeed:
-            save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
-        else:
-            save_file(untied_state_dict(model), str(tmp / "student.safetensors"), metadata={"format": "pt"})
+    else:  # each weight once (ZeRO-3: gathered one by one, every rank takes part); the writer keeps them
+        weights, optim = untied_state_dict(model, keep=main), None
+        if deepspeed:  # ZeRO: each rank writes its own optimizer partition
+            zero.save_optimizer(tmp, optimizer, rank)
+        elif main:
             optim = optimizer.state_dict()
+    if main:
+        save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
         if teacher is not None and teacher.owns_weights:
             save_file(untied_state_dict(teacher.model), str(tmp / "teacher.safetensors"), metadata={"format": "pt"})
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")

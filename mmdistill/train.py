@@ -282,9 +282,11 @@ def _run(cfg: DictConfig, accelerator, stop: SignalStop) -> Path:
     if stopped:  # as agreed in the loop: a signal after it changes nothing, on any rank
         raise stopped_by(stopped, step, run_dir)
     final = run_dir / "student"
-    weights = full_state_dict(plain) if is_sharded(plain) else None  # gathered: every rank takes part
-    if zero.uses_deepspeed(accelerator) and (accelerator.is_main_process or zero.partitioned(plain)):
-        weights = untied_state_dict(plain, keep=accelerator.is_main_process)  # copies of DeepSpeed's flat buffers
+    weights = None  # save_pretrained's own
+    if is_sharded(plain):  # gathered: every rank takes part
+        weights = full_state_dict(plain)
+    elif zero.uses_deepspeed(accelerator):  # copies of DeepSpeed's flat buffers (ZeRO-3: every rank takes part)
+        weights = untied_state_dict(plain, keep=accelerator.is_main_process)
     if accelerator.is_main_process:
         save_pretrained(plain, final, weights)
         proc.save_pretrained(final)

@@ -66,8 +66,7 @@ def configure(plugin, cfg, num_processes: int) -> None:
     engine: self-teachers and the initial student are copies of the whole student, and the
     frozen teacher is never partitioned."""
     ds = plugin.deepspeed_config
-    zero = ds.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0))
+    stage = zero_stage(ds)
     if stage not in (1, 2, 3):
         raise ConfigError(f"accelerate config zero_stage={stage}: " + (
             "stage 0 shards nothing; use configs/accelerate/ddp.yaml" if stage == 0 else "unknown stage")
@@ -99,6 +98,10 @@ def configure(plugin, cfg, num_processes: int) -> None:
     ds["steps_per_print"] = 2**31 - 1  # our logging, not DeepSpeed's
 
 
+def zero_stage(ds: dict) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
 def offload_device(ds: dict, key: str) -> str:
     """"none", "cpu" or "nvme": where DeepSpeed keeps the optimizer state ("offload_optimizer")
     or the parameters ("offload_param")."""
@@ -121,8 +124,7 @@ def build_optimizer(accelerator, params: list[torch.nn.Parameter], lr: float, be
 def check_student(ds: dict, student: torch.nn.Module) -> None:
     from transformers import PreTrainedModel
 
-    stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
-    if stage == 3 and not isinstance(student, PreTrainedModel):
+    if zero_stage(ds) == 3 and not isinstance(student, PreTrainedModel):
         raise ConfigError(f"accelerate config zero_stage=3: a {type(student).__name__} student cannot be partitioned "
                           "(its generate reads weights outside forward); use zero_stage 1 or 2 for composite VLMs")
 
