@@ -105,6 +105,7 @@ def train(cfg: DictConfig) -> Path:
     # Without an accelerator device, processes started by `accelerate launch`/torchrun train
     # data-parallel on the CPU (gloo) instead of each believing it is alone.
     deepspeed = zero.launched(os.environ)
+    zero.name_cpu_for_deepspeed(os.environ, deepspeed)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **zero.accelerator_options(deepspeed))
     if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
         raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
