@@ -102,10 +102,10 @@ def train(cfg: DictConfig) -> Path:
         cfg.train.fsdp = True
         cfg.train.fsdp_reshard_after_forward = from_file["reshard_after_forward"]
         cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing or from_file["gradient_checkpointing"]
-    # Without an accelerator device, processes started by `accelerate launch`/torchrun train
-    # data-parallel on the CPU (gloo) instead of each believing it is alone.
     deepspeed = zero.launched(os.environ)
     zero.name_cpu_for_deepspeed(os.environ, deepspeed)
+    # Without an accelerator device, processes started by `accelerate launch`/torchrun train
+    # data-parallel on the CPU (gloo) instead of each believing it is alone.
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **zero.accelerator_options(deepspeed))
     if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
         raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
