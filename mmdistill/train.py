@@ -102,11 +102,12 @@ def train(cfg: DictConfig) -> Path:
         cfg.train.fsdp = True
         cfg.train.fsdp_reshard_after_forward = from_file["reshard_after_forward"]
         cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing or from_file["gradient_checkpointing"]
-    deepspeed = zero.launched(os.environ)
-    zero.name_cpu_for_deepspeed(os.environ, deepspeed)
     # Without an accelerator device, processes started by `accelerate launch`/torchrun train
     # data-parallel on the CPU (gloo) instead of each believing it is alone.
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **zero.accelerator_options(deepspeed))
+    options = zero.accelerator_options(zero.launched(os.environ))
+    if options.get("cpu"):  # accelerate imports an installed deepspeed anyway, whose device probe would warn on every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a user's own choice is kept; DeepSpeed runs still probe
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **options)
     if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
         raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
                                   "configs/accelerate/fsdp.yaml or set train.fsdp=true")

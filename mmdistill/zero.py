@@ -29,7 +29,7 @@ DeepSpeed would not have gathered them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Container, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -53,16 +53,6 @@ def accelerator_options(deepspeed: bool) -> dict:
     from accelerate.utils import InitProcessGroupKwargs
 
     return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-
-
-def name_cpu_for_deepspeed(environ: MutableMapping[str, str], deepspeed: bool) -> None:
-    """Without DeepSpeed and without CUDA, mmdistill trains on the CPU (`accelerator_options`),
-    yet accelerate imports an installed deepspeed to recognise its engine, and deepspeed's device
-    probe warns on every run that it found no GPU. Naming the CPU, which it would fall back to,
-    removes a warning that means nothing there; a DS_ACCELERATOR the user set is kept, and a
-    DeepSpeed run still probes (it may find an NPU or HPU)."""
-    if not deepspeed and not torch.cuda.is_available():
-        environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def uses_deepspeed(accelerator) -> bool:
