@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdistill.loader import ShardStream
-from mmdistill.shards import ShardWriter
+from mmdistill.data.shard_stream import ShardStream
+from mmdistill.data.shards import ShardWriter
 from mmdistill.tasks.scenes import make_samples
 
 

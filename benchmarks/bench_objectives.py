@@ -44,8 +44,8 @@ def peak_rss_bytes() -> int:
 def measure(method_name: str, chunk_size: int, vocab: int, positions: int, batch: int, dtype: str, seed: int) -> dict:
     import torch
 
-    from mmdistill.batch import Batch
-    from mmdistill.methods import build_method
+    from mmdistill.core.batch import Batch
+    from mmdistill.methods.registry import build_method
 
     torch.manual_seed(seed)
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]

@@ -28,13 +28,13 @@ from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import build_adapter
 from mmdistill.adapters.vision import DRAWN
-from mmdistill.batch import Batch
+from mmdistill.core.batch import Batch
 from mmdistill.config import load_config, method_options
-from mmdistill.data import load_split
-from mmdistill.methods import build_method
-from mmdistill.models import load, max_positions
-from mmdistill.teachers import Teacher
-from mmdistill.views import Views
+from mmdistill.data.sources import load_split
+from mmdistill.methods.registry import build_method
+from mmdistill.models.loading import load, max_positions
+from mmdistill.models.teachers import Teacher
+from mmdistill.adapters.scoring import Views
 
 VLM = ["train.batch_size=16", "rollout.max_new_tokens=16", "data.scenes.image_size=64",
        "student.vision.tower.image_size=64", "student.vision.tower.kwargs.img_size=64",

@@ -164,7 +164,7 @@ def text_track(b: Bench, p: dict) -> list[str]:
 
 
 def _tables(title: str, runs: list[Path], refs: Path) -> list[str]:
-    from mmdistill.report import report_markdown
+    from mmdistill.reporting.compare import report_markdown
 
     return [f"# {title}", "", report_markdown(runs, refs_dir=refs)] if runs else []
 

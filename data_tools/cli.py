@@ -49,7 +49,7 @@ def _cmd_arith(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tokenizer(args: argparse.Namespace) -> int:
-    from mmdistill.tokenizer_build import build_tokenizer
+    from mmdistill.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer(args.out, split_digits=not args.no_split_digits)
     print(f"wrote tokenizer (vocab {len(tok)}) to {args.out}")
@@ -61,7 +61,7 @@ def _cmd_build_tokenizer(args: argparse.Namespace) -> int:
 def _shard_errors(fn):
     """A missing file or corrupt shard stops with one line, not a traceback."""
     def run(args: argparse.Namespace) -> int:
-        from mmdistill.shards import ShardError
+        from mmdistill.data.shards import ShardError
 
         try:
             return fn(args)
@@ -150,7 +150,7 @@ def _convert_opts(p: argparse.ArgumentParser, split_choices: Sequence[str] | Non
 
 def _write_converted(args: argparse.Namespace, records, meta: dict) -> int:
     """Write (where, sample) records as shards; every failure is one line naming the record."""
-    from data_tools.convert import write_shards
+    from mmdistill.data.convert.common import write_shards
 
     try:
         manifest = write_shards(records(), args.out, prefix=args.prefix, max_bytes=int(args.max_shard_mb * 2**20),
@@ -171,7 +171,7 @@ def _write_converted(args: argparse.Namespace, records, meta: dict) -> int:
 def _converter(fn):
     """Give the command its BadRecords (from --on-bad) and turn argument errors into one line."""
     def run(args: argparse.Namespace) -> int:
-        from data_tools.convert import BadRecords
+        from mmdistill.data.convert.common import BadRecords
 
         args.bad = BadRecords(args.on_bad)
         try:
@@ -188,7 +188,8 @@ def _names(text: str | None) -> list[str]:
 
 @_converter
 def _cmd_chat_jsonl(args: argparse.Namespace) -> int:
-    from data_tools.convert import chat_jsonl_records, convert_meta
+    from mmdistill.data.convert.chat import chat_jsonl_records
+    from mmdistill.data.convert.common import convert_meta
 
     def records():
         for path in args.files:
@@ -201,7 +202,8 @@ def _cmd_chat_jsonl(args: argparse.Namespace) -> int:
 
 @_converter
 def _cmd_llava(args: argparse.Namespace) -> int:
-    from data_tools.convert import convert_meta, llava_records
+    from mmdistill.data.convert.chat import llava_records
+    from mmdistill.data.convert.common import convert_meta
 
     def records():
         for path in args.files:
@@ -214,7 +216,8 @@ def _cmd_llava(args: argparse.Namespace) -> int:
 
 @_converter
 def _cmd_hf_disk(args: argparse.Namespace) -> int:
-    from data_tools.convert import convert_meta, hf_disk_records, parse_mapping
+    from mmdistill.data.convert.common import convert_meta
+    from mmdistill.data.convert.hf_disk import hf_disk_records, parse_mapping
 
     mapping = parse_mapping(args.map)
     records = lambda: hf_disk_records(args.path, args.split, mapping, domain=args.domain,  # noqa: E731
@@ -227,7 +230,9 @@ def _cmd_hf_disk(args: argparse.Namespace) -> int:
 
 @_converter
 def _cmd_reasoning_gym(args: argparse.Namespace) -> int:
-    from data_tools.convert import REASONING_GYM_WITH_SOLUTIONS, convert_meta, reasoning_gym_records
+    from mmdistill.data.convert.common import convert_meta
+    from mmdistill.data.convert.reasoning_gym import reasoning_gym_records
+    from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS
 
     tasks = _names(args.tasks) or list(REASONING_GYM_WITH_SOLUTIONS)
     config = _task_config(args.set)
@@ -269,7 +274,8 @@ def _scenes_knobs(args: argparse.Namespace) -> dict:
 
 @_converter
 def _cmd_scenes(args: argparse.Namespace) -> int:
-    from data_tools.convert import convert_meta, scenes_records
+    from mmdistill.data.convert.common import convert_meta
+    from mmdistill.data.convert.scenes import scenes_records
 
     knobs = _scenes_knobs(args)
     records = lambda: scenes_records(args.n, args.seed, args.split, stage=args.stage,  # noqa: E731
@@ -281,7 +287,7 @@ def _cmd_scenes(args: argparse.Namespace) -> int:
 
 
 def _cmd_scenes_suite(args: argparse.Namespace) -> int:
-    from data_tools.convert import SuiteSizes, write_scenes_suite
+    from mmdistill.data.convert.scenes import SuiteSizes, write_scenes_suite
 
     try:
         lo, _, hi = args.ood_objects.partition("-")

@@ -7,8 +7,8 @@ import json
 import os
 from collections import Counter
 
-from mmdistill import annotate, shards
-from mmdistill.shards import ShardError
+from mmdistill.data import boxes as annotate, shards
+from mmdistill.data.shards import ShardError
 
 FIELD_ORDER = ("id", "split", "stage", "domain", "task", "checker", "system", "prompt", "messages",
                "hint", "reasoning", "answer", "response")

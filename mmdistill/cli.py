@@ -40,9 +40,9 @@ def _train(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
                *([config] if config is not None else []), *overrides]
         return subprocess.call(cmd)
-    from mmdistill.sharding import launcher_fsdp
-    from mmdistill.stopping import Stopped
-    from mmdistill.train import train
+    from mmdistill.distributed.launch import launcher_fsdp
+    from mmdistill.training.stopping import Stopped
+    from mmdistill.training.loop import train
 
     try:
         launcher_fsdp(os.environ)  # an accelerate config mmdistill cannot honour: one line per process, not a traceback
@@ -93,11 +93,12 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = _config(target, list(args.overrides))
     if cfg is None:
         return 2
-    from mmdistill.evaluate import run_eval
-    from mmdistill.report import eval_markdown
+    from mmdistill.evaluation.evaluate import run_eval
+    from mmdistill.reporting.tables import eval_markdown, write_eval
 
     try:
         result, out_dir = run_eval(cfg, run_dir)
+        write_eval(result, out_dir)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
@@ -110,13 +111,13 @@ def _selfcheck(args: argparse.Namespace) -> int:
     cfg = _config(args.config or "tiny", list(args.overrides))
     if cfg is None:
         return 2
-    from mmdistill.selfcheck import main as selfcheck_main
+    from mmdistill.evaluation.selfcheck import main as selfcheck_main
 
     return selfcheck_main(cfg)
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from mmdistill.plot import PlotError, plot_runs
+    from mmdistill.reporting.plot import PlotError, plot_runs
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     try:
@@ -129,7 +130,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mmdistill.report import ReportError, report_markdown, write_text
+    from mmdistill.reporting.compare import report_markdown
+    from mmdistill.reporting.tables import ReportError, write_text
 
     try:
         text = report_markdown(args.run_dirs, label=args.label, refs_dir=args.refs)

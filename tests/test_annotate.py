@@ -11,15 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdistill.annotate import (
-    PARTIAL_MODES,
-    boxes_text,
-    check_boxes,
-    draw_boxes,
-    load_image,
-    normalised,
-    partial_boxes,
-)
+from mmdistill.data.boxes import PARTIAL_MODES, boxes_text, check_boxes, draw_boxes, load_image, normalised, partial_boxes
 
 WHERE = "sample 'scenes-train-3' images[0]"
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mmdistill.batch import Batch
+from mmdistill.core.batch import Batch
 from mmdistill.methods.ar_opd import AROPD, anchored_residual_target, skip_mask
 from mmdistill.methods.gkd import GKD
 from mmdistill.methods.opd import OPD

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from mmdistill.composite import CompositeVLM
+from mmdistill.models.composite import CompositeVLM
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 MODELS = ["arith-teacher", "arith-student-init", "scenes-teacher", "scenes-student-init"]

@@ -3,19 +3,10 @@ import math
 
 import pytest
 
-from mmdistill.checkers import (
-    CHECKERS,
-    check,
-    extract,
-    is_shortcut,
-    leakage_rates,
-    leaked_span,
-    length_buckets,
-    normalize,
-    parse_number,
-    pass_at_k,
-    wilson_interval,
-)
+from mmdistill.evaluation.checkers import check, extract, normalize, parse_number
+from mmdistill.evaluation.leakage import is_shortcut, leakage_rates, leaked_span
+from mmdistill.evaluation.stats import length_buckets, pass_at_k, wilson_interval
+from mmdistill.tasks import CHECKERS
 from mmdistill.tasks import arith
 
 # --- extraction -----------------------------------------------------------------------------
@@ -224,7 +215,7 @@ def test_kind_from_sample_and_errors():
 
 def test_reasoning_gym_delegates_to_the_stored_entry():
     pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
-    from data_tools.convert import from_reasoning_gym
+    from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 
     s = next(iter(from_reasoning_gym("fraction_simplification", 1, seed=0)))  # scored from metadata
     assert check(None, "work\nAnswer: " + s["answer"], s)
@@ -237,7 +228,7 @@ def test_reasoning_gym_scores_the_configured_extraction():
     """A model that never writes "Answer:" (SmolLM2 says "The answer is 6.") is scored on what
     eval.extraction takes out, not on the whole sentence."""
     pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
-    from data_tools.convert import from_reasoning_gym
+    from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 
     s = next(iter(from_reasoning_gym("chain_sum", 1, seed=0)))
     said = f"The answer to this arithmetic problem is {s['answer']}."

@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from mmdistill.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import load_config
-from mmdistill.data import SampleStream, load_split
-from mmdistill.models import load_model, load_tokenizer
-from mmdistill.teachers import Teacher
+from mmdistill.data.sources import load_split
+from mmdistill.data.stream import SampleStream
+from mmdistill.models.loading import load_model, load_tokenizer
+from mmdistill.models.teachers import Teacher
 
 # Untied embeddings: see test_ema_teacher_with_tied_embeddings_saves for the tied case.
 UNTIED = ["student.arch.tie_word_embeddings=false", "data.arith.num_train=40"]
@@ -54,7 +55,7 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.teacher.update(self.student)
+        self.teacher.update(self.student.parameters())
 
 
 def weights(model) -> dict[str, torch.Tensor]:

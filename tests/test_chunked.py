@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mmdistill.chunked import reduction_weights, token_loss, token_values
-from mmdistill.divergences import forward_kl, reverse_kl
+from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
+from mmdistill.losses.divergences import forward_kl, reverse_kl
 
 
 def brute_masked_mean(x, mask, reduction):
@@ -102,7 +102,7 @@ def test_values_out_receives_each_tokens_value(chunk):
 def test_automatic_chunks_keep_the_graph_only_when_one_chunk_holds_everything(monkeypatch):
     """chunk_size=None: a loss that fits one automatic chunk backpropagates through its own graph
     (no recompute); a larger one goes through the chunked recompute. Both equal the brute force."""
-    import mmdistill.chunked as chunked
+    import mmdistill.losses.chunked as chunked
 
     s, t, mask = data()
     w = reduction_weights(mask)

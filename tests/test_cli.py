@@ -73,7 +73,7 @@ def test_config_error_is_reported_before_heavy_imports(tmp_path):
         "import sys\n"
         "from mmdistill.cli import main\n"
         f"rc = main(['train', 'tiny', 'teacher.mode=foo', 'train.output_dir={tmp_path / 'x'}'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.train') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.training.loop') if m in sys.modules)\n"
         "print(rc, heavy)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

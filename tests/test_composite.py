@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from mmdistill.composite import IMAGE_TOKEN, CompositeProcessor, CompositeVLM, build_composite
+from mmdistill.models.composite import IMAGE_TOKEN, CompositeProcessor, CompositeVLM, build_composite
 from mmdistill.config import REPO_ROOT
 
 TOWERS = {

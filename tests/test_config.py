@@ -8,7 +8,6 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill.config import (
-    CHOICES,
     CONFIG_DIR,
     REPO_ROOT,
     Config,
@@ -16,6 +15,7 @@ from mmdistill.config import (
     load_config,
     method_options,
 )
+from mmdistill.config.validation import CHOICES
 
 SHIPPED_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 

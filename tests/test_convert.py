@@ -10,20 +10,13 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import main
-from data_tools.convert import (
-    HELD_OUT_COMBOS,
-    REASONING_GYM_WITH_SOLUTIONS,
-    BadRecords,
-    ConvertError,
-    SuiteSizes,
-    from_chat_jsonl,
-    from_llava_json,
-    from_reasoning_gym,
-    parse_mapping,
-    reasoning_gym_score,
-    write_scenes_suite,
-)
-from mmdistill.shards import iter_samples, read_manifest
+from mmdistill.data.convert.chat import from_chat_jsonl, from_llava_json
+from mmdistill.data.convert.common import BadRecords, ConvertError
+from mmdistill.data.convert.hf_disk import parse_mapping
+from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
+from mmdistill.data.convert.scenes import HELD_OUT_COMBOS, SuiteSizes, write_scenes_suite
+from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS, reasoning_gym_score
+from mmdistill.data.shards import iter_samples, read_manifest
 
 
 def read_back(out) -> list[dict]:

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from mmdistill.config import load_config
-from mmdistill.data import SampleStream, load_split, read_jsonl
+from mmdistill.data.records import read_jsonl
+from mmdistill.data.sources import load_split
+from mmdistill.data.stream import SampleStream
 
 
 def samples(n: int) -> list[dict]:

@@ -10,7 +10,7 @@ import tarfile
 from PIL import Image
 
 from data_tools.cli import main
-from mmdistill import shards
+from mmdistill.data import shards
 from mmdistill.tasks import scenes
 
 

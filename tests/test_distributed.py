@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdistill.shards import ShardWriter
+from mmdistill.data.shards import ShardWriter
 from mmdistill.tasks.scenes import make_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -452,7 +452,7 @@ def test_deepspeed_offload_trains_like_data_parallel_and_resumes(fsdp, offloaded
 def test_a_zero_checkpoint_is_not_resumed_without_deepspeed(zero):
     import torch
 
-    from mmdistill.checkpoint import load_checkpoint
+    from mmdistill.training.checkpoint import load_checkpoint
 
     with pytest.raises(ValueError, match="written under DeepSpeed ZeRO"):
         load_checkpoint(zero[0] / "checkpoints" / "step_00000002", student=torch.nn.Linear(1, 1), optimizer=None,

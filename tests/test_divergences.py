@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mmdistill import divergences as D
+from mmdistill.losses import divergences as D
 
 B, N, V = 2, 3, 7
 INF = float("inf")
@@ -501,7 +501,7 @@ def test_masked_mean_validates():
 def test_entropy_and_reverse_kls_equal_the_separate_functions_with_zeros_on_either_side():
     """One exponentiation of p_s, the same numbers as entropy() and reverse_kl(); -inf entries
     (exact zeros) on the student side add 0, on the target side where p_s > 0 give +inf."""
-    from mmdistill.divergences import entropy_and_reverse_kls
+    from mmdistill.losses.divergences import entropy_and_reverse_kls
 
     g = torch.Generator().manual_seed(3)
     ls = torch.randn(4, 7, generator=g, dtype=torch.float64).log_softmax(-1)

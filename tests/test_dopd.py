@@ -7,8 +7,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from mmdistill.batch import Batch
-from mmdistill.divergences import reverse_kl
+from mmdistill.core.batch import Batch
+from mmdistill.losses.divergences import reverse_kl
 from mmdistill.methods.dopd import DOPD, HS, HT, LH, LL, route, shuffle_regimes, trimmed_mean
 
 B, N, V = 3, 6, 8
@@ -430,7 +430,7 @@ def test_masked_positions_are_never_read():
 def test_rows_with_all_zero_weights_are_never_computed(chunk):
     """A row whose regime weights are all 0 gives 0 and a zero gradient even where its terms
     would be infinite (teacher without mass on the student's top-K ids)."""
-    from mmdistill.chunked import token_loss
+    from mmdistill.losses.chunked import token_loss
 
     zs = torch.full((1, 3, V), float("-inf"))
     zs[..., :2] = torch.tensor([1.0, 0.5])
@@ -567,7 +567,7 @@ def test_a_frozen_self_target_reads_the_initial_students_view():
 
 
 def test_views_name_what_the_frozen_self_target_needs():
-    from mmdistill.views import Views
+    from mmdistill.adapters.scoring import Views
 
     with pytest.raises(ValueError, match="view 'student_init_priv' needs a frozen copy of the initial student"):
         Views(None, None, torch.nn.Linear(1, 1), None)["student_init_priv"]

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmdistill.config import REPO_ROOT, load_config
-from mmdistill.models import load_model, load_tokenizer
+from mmdistill.models.loading import load_model, load_tokenizer
 
 
 def mmdistill(*args: str) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_train_end_to_end(tmp_path, method):
 
 def test_train_tiny_composite_vlm_with_image_annotations(tmp_path):
     """DOPD on a tiny composite VLM; privileged boxes drawn on the image and as text."""
-    from mmdistill.composite import CompositeProcessor, CompositeVLM
+    from mmdistill.models.composite import CompositeProcessor, CompositeVLM
     from mmdistill.tasks.scenes import make_samples
 
     run = tmp_path / "run"

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 
 from mmdistill.adapters import TextAdapter
 from mmdistill.config import REPO_ROOT, load_config
-from mmdistill.evaluate import eval_splits, score_split
-from mmdistill.models import load_tokenizer
-from mmdistill.shards import ShardWriter
+from mmdistill.evaluation.evaluate import eval_splits, score_split
+from mmdistill.models.loading import load_tokenizer
+from mmdistill.data.shards import ShardWriter
 
 
 class ScriptedLM(torch.nn.Module):

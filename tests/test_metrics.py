@@ -1,6 +1,6 @@
 import json
 
-from mmdistill.metrics import MetricsLogger
+from mmdistill.training.logs import MetricsLogger
 
 
 def rows(path):

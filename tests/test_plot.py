@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mmdistill.cli import main
-from mmdistill.plot import PlotError, panels, plot_runs, read_metrics, smooth_series
+from mmdistill.reporting.plot import PlotError, panels, plot_runs, read_metrics, smooth_series
 
 SHARES = ("share_ht", "share_lh", "share_hs", "share_ll")
 
@@ -71,7 +71,7 @@ def test_read_metrics_sorts_and_keeps_later_duplicate(tmp_path):
 
 def test_default_layout_groups_shares_and_times(tmp_path):
     run = write_run(tmp_path / "r", STEPS)
-    from mmdistill.plot import numeric_keys, ordered_keys
+    from mmdistill.reporting.plot import numeric_keys, ordered_keys
 
     layout = panels(ordered_keys(numeric_keys(read_metrics(run, warn=lambda m: None))))
     titles = [t for t, _ in layout]

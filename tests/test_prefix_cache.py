@@ -9,13 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 from mmdistill.adapters.text import TextAdapter
-from mmdistill.batch import Batch
+from mmdistill.core.batch import Batch
 from mmdistill.config import load_config
-from mmdistill.models import load_model, load_tokenizer, set_checkpointing
-from mmdistill.prefix_cache import can_share, score_views, shared_lengths
+from mmdistill.models.loading import load_model, load_tokenizer, set_checkpointing
+from mmdistill.adapters.prefix import can_share, score_views, shared_lengths
 from mmdistill.tasks.arith import make_samples
-from mmdistill.teachers import frozen_copy
-from mmdistill.views import VIEW_SPEC, Views
+from mmdistill.models.teachers import frozen_copy
+from mmdistill.adapters.scoring import Views
+from mmdistill.core.views import VIEW_SPEC
 
 ALL = tuple(VIEW_SPEC)
 

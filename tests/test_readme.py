@@ -4,7 +4,7 @@ import re
 import pytest
 
 from mmdistill.config import REPO_ROOT, load_config
-from mmdistill.models import check_same_vocab, load, load_tokenizer
+from mmdistill.models.loading import check_same_vocab, load, load_tokenizer
 
 README = (REPO_ROOT / "README.md").read_text()
 CI = (REPO_ROOT / ".ci" / "run").read_text()

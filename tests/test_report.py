@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from mmdistill.cli import main
-from mmdistill.report import (ReportError, continual_heatmap, continual_markdown, continual_metrics, eval_markdown,
-                              gap_recovered, read_eval, report_markdown, seed_stem, split_order, write_continual,
-                              write_eval)
+from mmdistill.reporting.compare import gap_recovered, report_markdown, seed_stem
+from mmdistill.reporting.continual import continual_heatmap, continual_markdown, continual_metrics, write_continual
+from mmdistill.reporting.tables import ReportError, eval_markdown, read_eval, split_order, write_eval
 
 RESULT = {
     "label": "student", "role": "student", "run_dir": "runs/x", "method": "dopd", "step": 300,

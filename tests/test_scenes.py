@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from mmdistill.annotate import boxes_text, check_boxes, draw_boxes, partial_boxes
+from mmdistill.data.boxes import boxes_text, check_boxes, draw_boxes, partial_boxes
 from mmdistill.tasks.arith import extract_answer
 from mmdistill.tasks.scenes import (
     BACKGROUND,

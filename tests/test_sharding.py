@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from mmdistill.config import load_config
-from mmdistill.models import load
-from mmdistill.sharding import full_parameters, full_state_dict, is_sharded, shard, synced_generation
+from mmdistill.models.loading import load
+from mmdistill.distributed.fsdp import shard
+from mmdistill.distributed.gather import full_parameters, whole_items
+from mmdistill.models.weights import is_sharded, synced_generation
 
 
 def test_a_composite_vlm_is_refused_by_name():
@@ -16,13 +18,13 @@ def test_a_composite_vlm_is_refused_by_name():
 def test_unsharded_models_pass_through_the_gathering_helpers():
     student, _ = load(load_config("tiny").student, seed=0)
     assert not is_sharded(student) and not synced_generation(student)
-    state = full_state_dict(student)
+    state = dict(whole_items(student))
     assert state.keys() == student.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(full_parameters(student), student.parameters()))
 
 
 def test_fsdp_in_one_process_is_a_config_error(tmp_path):
-    from mmdistill.train import train
+    from mmdistill.training.loop import train
 
     cfg = load_config("tiny", ["train.fsdp=true", f"train.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="train.fsdp=true shards the student across processes"):
@@ -46,7 +48,7 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_A
     ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "1"}, (True, False)),
 ])
 def test_an_accelerate_fsdp_file_maps_onto_mmdistills_fsdp2(changes, expected):
-    from mmdistill.sharding import launcher_fsdp
+    from mmdistill.distributed.launch import launcher_fsdp
 
     got = launcher_fsdp({**FSDP2_ENV, **changes})
     assert (got["reshard_after_forward"], got["gradient_checkpointing"]) == expected
@@ -59,18 +61,18 @@ def test_an_accelerate_fsdp_file_maps_onto_mmdistills_fsdp2(changes, expected):
     ({"FSDP_RESHARD_AFTER_FORWARD": "maybe"}, "fsdp_reshard_after_forward='MAYBE'"),
 ])
 def test_what_fsdp2_here_cannot_honour_is_refused_by_key(changes, message):
-    from mmdistill.sharding import launcher_fsdp
+    from mmdistill.distributed.launch import launcher_fsdp
 
     with pytest.raises(ValueError, match=message):
         launcher_fsdp({**FSDP2_ENV, **changes})
 
 
 def test_no_fsdp_launch_and_deepspeed_launches():
-    from mmdistill.sharding import launcher_fsdp
+    from mmdistill.distributed.launch import launcher_fsdp
 
     assert launcher_fsdp({}) is None
     assert launcher_fsdp({**FSDP2_ENV, "ACCELERATE_USE_FSDP": "false"}) is None
-    assert launcher_fsdp({"ACCELERATE_USE_DEEPSPEED": "true"}) is None  # zero.py's
+    assert launcher_fsdp({"ACCELERATE_USE_DEEPSPEED": "true"}) is None  # deepspeed.py's
 
 
 def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunches(tmp_path, monkeypatch):
@@ -116,7 +118,7 @@ def test_an_unsupported_accelerate_config_is_one_line_at_the_cli(monkeypatch, ca
 ])
 def test_a_teacher_that_cannot_be_sharded_is_refused(tmp_path, overrides, message):
     from mmdistill.config import ConfigError, load_config
-    from mmdistill.train import train
+    from mmdistill.training.loop import train
 
     cfg = load_config("tiny", ["method.name=dopd", "train.fsdp_teacher=true", "train.max_steps=1", "eval.num_samples=0",
                                f"train.output_dir={tmp_path}", *overrides])

@@ -12,8 +12,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from mmdistill import shards
-from mmdistill.shards import SCHEMA, ShardError, ShardWriter, decode_sample, encode_sample, iter_shard
+from mmdistill.data.boxes import load_image
+from mmdistill.data import shards
+from mmdistill.data.shards import SCHEMA, ShardError, ShardWriter, decode_sample, encode_sample, iter_shard
 from mmdistill.tasks import scenes
 
 
@@ -48,7 +49,7 @@ def same(a: dict, b: dict) -> None:
     assert set(a) == set(b)
     for k in a:
         if k in ("images", "teacher_images"):
-            assert [shards.annotate.load_image(x, "a").tobytes() for x in a[k]] == [y.tobytes() for y in b[k]]
+            assert [load_image(x, "a").tobytes() for x in a[k]] == [y.tobytes() for y in b[k]]
         else:
             assert json.loads(json.dumps(a[k])) == b[k], k
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmdistill.config import load_config
-from mmdistill.models import load_model, load_tokenizer
-from mmdistill.teachers import Teacher, frozen_copy
+from mmdistill.models.loading import load_model, load_tokenizer
+from mmdistill.models.teachers import Teacher, frozen_copy
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -63,7 +63,7 @@ def test_model_mode_is_frozen(student, teacher_model):
     assert t.model.config.hidden_size == 48  # the teacher's own architecture, not the student's
     assert not t.owns_weights and t.state_dict() == {}
     before = snapshot(t.model)
-    t.update(student)  # no-op outside ema
+    t.update(student.parameters())  # no-op outside ema
     assert same_weights(before, snapshot(t.model))
 
 
@@ -96,7 +96,7 @@ def test_frozen_student_is_an_independent_frozen_copy(student):
     assert all(p.requires_grad for p in student.parameters())  # the student is untouched
     assert not t.model.training and student.training
     perturb(student, seed=1)
-    t.update(student)
+    t.update(student.parameters())
     assert not same_weights(initial, snapshot(student))
     assert same_weights(initial, snapshot(t.model))  # the teacher did not move
     # no storage shared with the student
@@ -128,7 +128,7 @@ def test_ema_update_matches_brute_force(student, decay):
         perturb(student, seed=10 + step)
         s = {n: p.detach().clone() for n, p in student.named_parameters()}
         assert s.keys() == teacher_before.keys()
-        t.update(student)
+        t.update(student.parameters())
         got = dict(t.model.named_parameters())
         for name, tv in teacher_before.items():
             sv = s[name]
@@ -149,7 +149,7 @@ def test_ema_touches_every_parameter(student):
     t = Teacher("ema", student, ema_decay=0.5)
     perturb(student, seed=3)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    t.update(student)
+    t.update(student.parameters())
     for n, p in t.model.named_parameters():
         assert not torch.equal(before[n], p), n
 
@@ -157,7 +157,7 @@ def test_ema_touches_every_parameter(student):
 def test_ema_state_dict_round_trip(student):
     t = Teacher("ema", student, ema_decay=0.5)
     perturb(student, seed=4)
-    t.update(student)
+    t.update(student.parameters())
     state = {k: v.clone() for k, v in t.state_dict().items()}
     other = Teacher("ema", copy.deepcopy(student), ema_decay=0.5)
     assert not same_weights(state, other.state_dict())
@@ -174,7 +174,7 @@ def test_live_is_the_student_itself(student):
     assert not t.owns_weights and t.state_dict() == {}
     perturb(student, seed=5)
     assert t.model is student
-    t.update(student)  # no-op
+    t.update(student.parameters())  # no-op
 
 
 # --------------------------------------------------------------------------- errors

@@ -12,11 +12,11 @@ from mmdistill.adapters.text import (
     left_pad,
     response_mask,
 )
-from mmdistill.batch import Batch
+from mmdistill.core.batch import Batch
 from mmdistill.config import load_config
-from mmdistill.models import check_same_vocab, load_model, load_tokenizer
+from mmdistill.models.loading import check_same_vocab, load_model, load_tokenizer
 from mmdistill.tasks.arith import make_samples
-from mmdistill.views import Views
+from mmdistill.adapters.scoring import Views
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def test_prompt_share_gives_a_fixed_share_of_plain_prompts_the_privileged_text(t
 def test_evaluation_scores_the_deployed_student_whatever_the_prompt_share(tok, cfg, model, samples):
     """An SFT recipe's prompt_share puts p into plain prompts for training only: the before/after
     accuracy and `mmdistill eval` must read the prompts the deployed student gets."""
-    from mmdistill.evaluate import responses
+    from mmdistill.evaluation.evaluate import responses
 
     ad = TextAdapter(tok, OmegaConf.merge(cfg.privileged, {"prompt_share": 1.0}), 128)
     plain = TextAdapter(tok, cfg.privileged, 128)

@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mmdistill.tasks.arith import make_samples
-from mmdistill.tokenizer_build import CHAT_TEMPLATE, ENGLISH_SENTENCES, build_tokenizer
+from mmdistill.models.tokenizer import CHAT_TEMPLATE, ENGLISH_SENTENCES, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "assets" / "tokenizer"
@@ -41,7 +41,7 @@ def _sha(p: Path) -> str:
 
 def test_build_is_deterministic_across_processes(built, tmp_path):
     _, d = built
-    code = "import sys; from mmdistill.tokenizer_build import build_tokenizer; build_tokenizer(sys.argv[1])"
+    code = "import sys; from mmdistill.models.tokenizer import build_tokenizer; build_tokenizer(sys.argv[1])"
     other = tmp_path / "again"
     r = subprocess.run([sys.executable, "-c", code, str(other)], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "12345"})

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmdistill.config import load_config
-from mmdistill.train import train
+from mmdistill.training.loop import train
 
 
 def run(tmp_path, name, *overrides):
@@ -53,7 +53,7 @@ def test_on_policy_draw_follows_the_methods_fraction():
     import random
     from types import SimpleNamespace
 
-    from mmdistill.train import draw_on_policy
+    from mmdistill.training.step import draw_on_policy
 
     assert all(draw_on_policy(SimpleNamespace(on_policy=True)) for _ in range(50))
     assert not any(draw_on_policy(SimpleNamespace(on_policy=False)) for _ in range(50))

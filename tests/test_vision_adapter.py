@@ -7,15 +7,16 @@ from transformers import GenerationConfig
 
 from mmdistill.adapters import VisionAdapter, build_adapter
 from mmdistill.adapters.text import TemplateError, response_mask
-from mmdistill.annotate import boxes_text, draw_boxes, partial_boxes
-from mmdistill.batch import Batch
-from mmdistill.composite import build_composite
+from mmdistill.data.boxes import boxes_text, draw_boxes, partial_boxes
+from mmdistill.core.batch import Batch
+from mmdistill.models.composite import build_composite
 from mmdistill.config import load_config
-from mmdistill.methods import build_method
-from mmdistill.models import check_same_vocab, load_tokenizer
+from mmdistill.methods.registry import build_method
+from mmdistill.models.loading import check_same_vocab, load_tokenizer
 from mmdistill.tasks.scenes import make_samples
-from mmdistill.views import VIEW_SPEC, Views
-from vlm_families import FAMILIES, build_model, build_processor
+from mmdistill.adapters.scoring import Views
+from mmdistill.core.views import VIEW_SPEC
+from mmdistill.models.tiny import FAMILIES, build_model, build_processor
 
 TIMM_TOWER = {"source": "timm", "name": "vit_tiny_patch16_224", "image_size": 32,
               "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
@@ -27,7 +28,7 @@ PAIRS = (*FAMILIES, *COMPOSITES)
 
 def _composite(name: str, seed: int):
     cfg = load_config("tiny_vlm")
-    from mmdistill.models import load_model
+    from mmdistill.models.loading import load_model
 
     tok = load_tokenizer(cfg.student)
     lm = load_model(cfg.student, tok, seed=seed)
@@ -269,9 +270,9 @@ def test_train_hf_vlm_student_with_a_teacher_of_another_family(tmp_path):
     """`train` on saved Hugging Face VLM directories: a SmolVLM student, a Qwen2-VL teacher."""
     import json
 
-    from mmdistill.models import load, model_kind
-    from mmdistill.train import train
-    from vlm_families import save_family
+    from mmdistill.models.loading import load, model_kind
+    from mmdistill.training.loop import train
+    from mmdistill.models.tiny import save_family
 
     student_dir = save_family("smolvlm", tmp_path / "student", seed=0)
     teacher_dir = save_family("qwen2_vl", tmp_path / "teacher", seed=1)

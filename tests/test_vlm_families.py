@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import vlm_families as vf  # noqa: E402
+import mmdistill.models.tiny as vf  # noqa: E402
 
 PROMPTS = ("Hi", "What is shown in these pictures? Please answer in a few words.")
 # sample 0: one 48x32 image; sample 1: two images (64x64 and 32x32) -> different sizes,

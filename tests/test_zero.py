@@ -1,4 +1,4 @@
-"""What mmdistill takes from an accelerate DeepSpeed config, and what it refuses (zero.py).
+"""What mmdistill takes from an accelerate DeepSpeed config, and what it refuses (distributed/deepspeed.py).
 
 The configs are accelerate's own DeepSpeedPlugin's, built from the same arguments its config
 files set; the 2-process training runs are in test_distributed.py.
@@ -9,8 +9,9 @@ import pytest
 import torch
 from accelerate.utils import DeepSpeedPlugin
 
-from mmdistill import zero
 from mmdistill.config import ConfigError, load_config
+from mmdistill.distributed import deepspeed as zero
+from mmdistill.distributed.launch import accelerator_options, launched
 
 
 def plugin(**kwargs) -> DeepSpeedPlugin:
@@ -51,12 +52,12 @@ def test_what_mmdistill_cannot_honour_is_refused_by_key(kwargs, message):
 
 
 def test_a_deepspeed_launch_is_recognised_from_accelerates_environment():
-    assert zero.launched({"ACCELERATE_USE_DEEPSPEED": "true"})
-    assert not zero.launched({"ACCELERATE_USE_DEEPSPEED": "false"}) and not zero.launched({})
+    assert launched({"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert not launched({"ACCELERATE_USE_DEEPSPEED": "false"}) and not launched({})
     if not torch.cuda.is_available():  # without GPUs, DeepSpeed processes need a named backend to see each other
-        handler, = zero.accelerator_options(True)["kwargs_handlers"]
+        handler, = accelerator_options(True)["kwargs_handlers"]
         assert handler.backend == "gloo"
-        assert zero.accelerator_options(False) == {"cpu": True}
+        assert accelerator_options(False) == {"cpu": True}
 
 
 def test_a_zero_checkpoint_resumes_only_with_the_process_count_that_wrote_it(tmp_path):
@@ -77,11 +78,11 @@ import deepspeed, torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
-from mmdistill import zero
-from mmdistill.checkpoint import _load_partitioned
-from mmdistill.sharding import untied_state_dict
-from mmdistill.teachers import Teacher, frozen_copy
-from mmdistill.train import weights_checksum
+from mmdistill.distributed.deepspeed import load_partitioned
+from mmdistill.distributed.gather import full_parameters, untied_copies, whole_items
+from mmdistill.models.weights import partitioned
+from mmdistill.models.teachers import Teacher, frozen_copy
+from mmdistill.training.export import weights_checksum
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -92,7 +93,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
     "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
-assert zero.partitioned(model)
+assert partitioned(model)
 params = list(model.parameters())
 seen = []
 
@@ -102,22 +103,22 @@ class Recorded(deepspeed.zero.GatheredParameters):
         seen.append(sum(p.ds_status == ZeroParamStatus.AVAILABLE for p in params))
 
 deepspeed.zero.GatheredParameters = Recorded
-state = untied_state_dict(model)
+state = untied_copies(model)
 assert sorted(state) == sorted(n for n in whole if n != "lm_head.weight")
 assert all(torch.equal(state[n], whole[n]) for n in state)
-assert untied_state_dict(model, keep=False) == {}
+assert untied_copies(model, keep=False) == {}
 ema.model.apply(lambda m: [p.data.zero_() for p in m.parameters(recurse=False)])
-ema.update(model)  # 0.5 * 0 + 0.5 * student
+ema.update(full_parameters(model))  # 0.5 * 0 + 0.5 * student
 assert all(torch.equal(t, 0.5 * whole[n]) for n, t in ema.model.state_dict().items() if n in state)
-checksum = weights_checksum(model)
+checksum = weights_checksum(whole_items(model))
 changed = {n: t + 1 for n, t in state.items()}
 save_file(changed, sys.argv[1] + "/w.safetensors")
-_load_partitioned(model, Path(sys.argv[1] + "/w.safetensors"), 0)
-assert all(torch.equal(t, changed[n]) for n, t in untied_state_dict(model).items())
-assert weights_checksum(model) != checksum
+load_partitioned(model, Path(sys.argv[1] + "/w.safetensors"), 0)
+assert all(torch.equal(t, changed[n]) for n, t in untied_copies(model).items())
+assert weights_checksum(whole_items(model)) != checksum
 save_file({**changed, "extra": torch.zeros(1)}, sys.argv[1] + "/bad.safetensors")
 try:
-    _load_partitioned(model, Path(sys.argv[1] + "/bad.safetensors"), 0)
+    load_partitioned(model, Path(sys.argv[1] + "/bad.safetensors"), 0)
     raise SystemExit("a file with an extra weight was loaded")
 except ValueError as e:
     assert "unexpected ['extra']" in str(e), e

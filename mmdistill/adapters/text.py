@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from mmdistill.batch import Batch
-from mmdistill.sharding import synced_generation
+from mmdistill.core.batch import Batch
+from mmdistill.models.weights import synced_generation
 
 
 class TemplateError(ValueError):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mmdistill.adapters.text import Prompts, TextAdapter
-from mmdistill.annotate import boxes_text, check_boxes, draw_boxes, load_image, partial_boxes
+from mmdistill.data.boxes import boxes_text, check_boxes, draw_boxes, load_image, partial_boxes
 
 
 DRAWN = "_drawn_images"

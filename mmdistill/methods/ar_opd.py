@@ -40,12 +40,9 @@ import math
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import (
-    reduction_weights,
-    token_loss,
-)
-from mmdistill.divergences import entropy, forward_kl, generalized_jsd
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.losses.chunked import reduction_weights, token_loss
+from mmdistill.losses.divergences import entropy, forward_kl, generalized_jsd
 from mmdistill.methods.base import (
     check_chunk_size,
     check_reduction,
@@ -53,6 +50,7 @@ from mmdistill.methods.base import (
     target_logits,
     weighted_means,
 )
+
 
 NEG_INF = float("-inf")
 TOP_OVERLAP_K = 16

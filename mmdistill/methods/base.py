@@ -5,7 +5,8 @@ from typing import Protocol
 
 import torch
 
-from mmdistill.batch import VIEWS, Batch, ViewLogits
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.views import VIEWS
 
 
 class Method(Protocol):

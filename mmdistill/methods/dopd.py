@@ -34,9 +34,9 @@ import math
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import reduction_weights, token_loss, token_values
-from mmdistill.divergences import entropy, entropy_and_reverse_kls, js, topk_reverse_kl
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
+from mmdistill.losses.divergences import entropy, entropy_and_reverse_kls, js, topk_reverse_kl
 from mmdistill.methods.base import (
     TOPK_FROM,
     check_chunk_size,
@@ -52,6 +52,8 @@ from mmdistill.methods.base import (
 
 # Regime codes returned by `route` (-1 = not a response token).
 HT, LH, HS, LL = 0, 1, 2, 3
+
+
 REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
 ROUTINGS = ("advantage", "shuffled")
@@ -181,8 +183,8 @@ class DOPD:
     (None = automatic). self_target: "live" (the paper: sg pi_S(.|x,p) of the current student,
     view student_priv) or "frozen" (not in the paper: the initial student reading p, view
     student_init_priv). It is also where q_S comes from. With the live target, a student can
-    satisfy HS and LL by ceasing to read p, after which no term corrects its HS tokens (README
-    "Scenes experiments"); a frozen target cannot follow the student there.
+    satisfy HS and LL by ceasing to read p, after which no term corrects its HS tokens
+    (docs/experiments/scenes.md); a frozen target cannot follow the student there.
     """
 
     name = "dopd"

@@ -15,12 +15,9 @@ import math
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import (
-    reduction_weights,
-    token_loss,
-)
-from mmdistill.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.losses.chunked import reduction_weights, token_loss
+from mmdistill.losses.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
 from mmdistill.methods.base import (
     TARGETS,
     check_chunk_size,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import reduction_weights, token_loss
-from mmdistill.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.losses.chunked import reduction_weights, token_loss
+from mmdistill.losses.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
 from mmdistill.methods.base import (
     TARGETS,
     TOPK_FROM,
@@ -23,6 +23,7 @@ from mmdistill.methods.base import (
     target_logits,
     weighted_means,
 )
+
 
 ESTIMATORS = ("sampled", "topk", "full")
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.batch import Batch, ViewLogits
-from mmdistill.chunked import reduction_weights, token_loss
-from mmdistill.divergences import entropy
+from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.losses.chunked import reduction_weights, token_loss
+from mmdistill.losses.divergences import entropy
 from mmdistill.methods.base import (
     check_chunk_size,
     check_reduction,

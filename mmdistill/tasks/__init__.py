@@ -15,6 +15,15 @@ SPLIT_BUCKETS: dict[str, frozenset[int]] = {
 }
 N_BUCKETS = 10
 
+# Answer checkers a sample may name in its `checker` field (scored by mmdistill.evaluation.checkers).
+CHECKERS = ("exact", "numeric", "choice", "scenes", "arith")
+REASONING_GYM_PREFIX = "reasoning_gym:"  # + a reasoning-gym task name: the package's own scoring
+
+
+def is_checker(name) -> bool:
+    return isinstance(name, str) and (name in CHECKERS or (name.startswith(REASONING_GYM_PREFIX)
+                                                         and len(name) > len(REASONING_GYM_PREFIX)))
+
 
 def _hash64(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")

@@ -1,0 +1,65 @@
+"""Lazy, cached view logits: a method reads only the views it names."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Iterator
+
+import torch
+
+from mmdistill.adapters.prefix import score_views
+from mmdistill.core.batch import Batch
+from mmdistill.core.views import VIEW_SPEC
+
+def _prompts_of(policy: str) -> str:
+    """Whose processor renders a policy's prompts: the initial student is a student."""
+    return "teacher" if policy == "teacher" else "student"
+
+
+class Views(Mapping):
+    """views[name] -> [B, N, V] next-token logits aligned with batch.response_ids (unnormalised
+    log-probs: methods apply log_softmax); only "student" is scored with gradient.
+
+    `wanted` names the views the method will read (its `views`): those of one model are scored
+    together on the first read, over the prompt prefix they share (prefix.py). `init` is
+    the frozen copy of the initial student, for the views of policy "student_init"."""
+
+    def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None,
+                 wanted: tuple[str, ...] = (), share_prefix: bool = True, init: torch.nn.Module | None = None):
+        self.adapter, self.batch, self.student, self.teacher, self.init = adapter, batch, student, teacher, init
+        self.wanted, self.share_prefix = tuple(wanted), share_prefix
+        self._cache: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in VIEW_SPEC:
+            raise KeyError(f"unknown view '{name}'; views: {', '.join(VIEW_SPEC)}")
+        if name not in self._cache:
+            policy = VIEW_SPEC[name][0]
+            model = {"student": self.student, "teacher": self.teacher, "student_init": self.init}[policy]
+            if model is None:
+                needs = "a teacher" if policy == "teacher" else "a frozen copy of the initial student (Views(init=...))"
+                raise ValueError(f"view '{name}' needs {needs}, and this run has none")
+            group = [name] + [v for v in self.wanted if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
+            t0 = time.perf_counter()  # a view scored alone also pays for a shared attempt that fell back
+            if not (self.share_prefix and self._score_shared(model, policy, group)):
+                self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"),
+                                                        policy=_prompts_of(policy))
+                self.seconds[name] = time.perf_counter() - t0
+        return self._cache[name]
+
+    def _score_shared(self, model: torch.nn.Module, policy: str, group: list[str]) -> bool:
+        logits, seconds = score_views(self.adapter, model, self.batch, [VIEW_SPEC[v][1] for v in group],
+                                      [v == "student" for v in group], _prompts_of(policy))
+        if logits is None:
+            return False
+        self.seconds[f"{policy}_prefix"] = seconds["prefix"]
+        for i, (v, x) in enumerate(zip(group, logits)):
+            self._cache[v], self.seconds[v] = x, seconds[str(i)]
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(VIEW_SPEC)
+
+    def __len__(self) -> int:
+        return len(VIEW_SPEC)

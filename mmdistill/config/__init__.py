@@ -1,0 +1,8 @@
+"""Run configuration: structured dataclasses (schema.py), YAML files and dotted overrides
+(loading.py), checked before any model loads (validation.py)."""
+from mmdistill.config.loading import load_config, method_options, resolve_config_path, save_config
+from mmdistill.config.schema import CONFIG_DIR, DEFAULT_CONFIG, REPO_ROOT, Config, ConfigError
+from mmdistill.config.validation import validate
+
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "REPO_ROOT", "Config", "ConfigError", "load_config", "method_options",
+           "resolve_config_path", "save_config", "validate"]

@@ -1,0 +1,259 @@
+"""The run configuration's schema: structured dataclasses OmegaConf merges YAML and overrides into.
+
+Each method's own options live beside the methods (mmdistill/methods/options.py); the paths and files the
+configs name are resolved in loading.py, and everything is checked in validation.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from mmdistill.methods.options import AROPDConfig, DOPDConfig, GKDConfig, OPDConfig, PrivilegedOPDConfig, SFTConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, always a single line naming the offending key."""
+
+
+@dataclass
+class ArchConfig:
+    """Architecture of a randomly initialised model (used when `path` is empty)."""
+
+    model_type: str = "llama"
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class TowerConfig:
+    """The vision tower of a composite VLM: any timm or open_clip model name."""
+
+    source: str = "timm"  # timm | open_clip
+    name: Optional[str] = None  # empty = no composite (a text model, or a Hugging Face VLM from `path`)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # create_model / vision_cfg overrides (sizes)
+    image_size: int = 224
+    weights: Optional[str] = None  # a local file of tower weights; empty = random init
+
+
+@dataclass
+class CompositeConfig:
+    """A VLM built from parts: tower -> projector -> the causal LM (`arch`, or `lm_path`)."""
+
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    projector: str = "mlp"  # linear | mlp
+    pool_tokens: int = 0  # image tokens after adaptive average pooling; 0 = every tower token
+    lm_path: Optional[str] = None  # a Hugging Face causal LM directory; empty = random init from `arch`
+    freeze_tower: bool = False
+    freeze_lm: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory: a causal LM, a native VLM (LLaVA, Qwen-VL, SmolVLM, Idefics3
+    # ... with its processor) or a saved composite. Empty = random init from `arch` (+ `vision`).
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None  # a .gguf inside `path` (transformers dequantises it)
+    tokenizer: Optional[str] = None  # defaults to `path`, else the shipped assets/tokenizer
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    vision: CompositeConfig = field(default_factory=CompositeConfig)  # set vision.tower.name for a composite VLM
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    # model: a separate frozen model; frozen_student: a frozen copy of the initial student;
+    # ema: an EMA of the student updated after each optimizer step; live: the student, no_grad.
+    mode: str = "model"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ema_decay: float = 0.99
+
+
+@dataclass
+class PrivilegedImageConfig:
+    """Privileged information about images: boxes as text ({boxes} in privileged.text) and/or
+    the images the privileged views see."""
+
+    # Images of the privileged views. auto: the sample's teacher_images when it has them, else
+    # the student's; student: always the student's; teacher: teacher_images (required);
+    # draw: the student's images with the view's boxes (and labels) drawn on.
+    source: str = "auto"
+    partial_boxes: str = "subset"  # subset: the first ceil(partial_ratio * n) boxes; unlabeled: all boxes, no labels
+    box_digits: int = 2  # decimals of the normalised [x0, y0, x1, y1] in {boxes}
+    draw_labels: bool = True
+    line_width: int = 2
+
+
+@dataclass
+class PrivilegedConfig:
+    """How privileged information enters the prompts of the privileged views."""
+
+    # Privileged text p, formatted from the sample's fields ({hint}, {reasoning}, {answer}, ...).
+    text: str = "{hint}"
+    # The user turn of privileged views; {prompt} is the task input, {privileged} is p.
+    template: str = "{prompt}\nHint: {privileged}"
+    # Partial views cut this sample field to a prefix of `partial_ratio` of its characters.
+    partial_field: str = "hint"  # a text field, or "boxes" (the partial view then keeps privileged.image.partial_boxes)
+    partial_ratio: float = 0.5
+    image: PrivilegedImageConfig = field(default_factory=PrivilegedImageConfig)
+    # Share of samples (chosen by a hash of their id) whose PLAIN prompt also carries p: a teacher's
+    # SFT recipe sets it so the teacher learns to read p. Leave it at 0 for distillation.
+    prompt_share: float = 0.0
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    num_rollouts: int = 1  # rollouts per prompt
+
+
+@dataclass
+class ArithDataConfig:
+    digits: int = 2
+    ops: str = "+"
+    seed: int = 0
+    num_train: int = 5000
+    num_test: int = 200
+
+
+@dataclass
+class ScenesDataConfig:
+    """Procedural images of coloured shapes with questions; boxes + labels are the privileged data."""
+
+    seed: int = 0
+    num_train: int = 2000
+    num_test: int = 200
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    question_types: List[str] = field(default_factory=lambda: ["count", "attribute", "spatial"])
+
+
+@dataclass
+class DataConfig:
+    # arith, scenes: built-in procedural tasks; jsonl: records from `train_path` (image paths
+    # relative to the file); shards: WebDataset shards (a directory with a manifest, a
+    # manifest, a brace pattern or a tar) streamed by mmdistill/data/shard_stream.py
+    source: str = "arith"
+    train_path: Optional[str] = None
+    test_path: Optional[str] = None
+    select: Dict[str, Any] = field(default_factory=dict)  # keep records whose fields equal these (a list = any of)
+    num_workers: int = 0  # DataLoader workers reading shards (shards are split by rank, then worker)
+    shuffle_buffer: int = 1000  # samples; 0 = shard order
+    epochs: int = 0  # passes over the shards; 0 = endless (train.max_steps decides)
+    on_bad_sample: str = "raise"  # raise: stop naming shard and key; skip: skip, count (data_bad_samples) and warn
+    arith: ArithDataConfig = field(default_factory=ArithDataConfig)
+    scenes: ScenesDataConfig = field(default_factory=ScenesDataConfig)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "opd"
+    # Response positions per chunk of full-vocabulary loss work: bounds the extra memory
+    # (forward and backward) independently of the sequence length. null = automatic
+    # (about 1M logits a chunk), 0 = no chunking.
+    chunk_size: Optional[int] = None
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    full_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
+    partial_opd: PrivilegedOPDConfig = field(default_factory=PrivilegedOPDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    ar_opd: AROPDConfig = field(default_factory=AROPDConfig)
+    dopd: DOPDConfig = field(default_factory=DOPDConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    """One continual-learning stage: its data (a filter and/or its own paths) and step budget."""
+
+    name: str = "stage"
+    steps: int = 100
+    select: Dict[str, Any] = field(default_factory=dict)  # data.select for this stage (train and test)
+    train_path: Optional[str] = None  # default: data.train_path
+    test_path: Optional[str] = None  # default: data.test_path
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/${method.name}-${now:}"
+    max_steps: int = 50
+    batch_size: int = 8  # prompts per micro-batch
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2  # 0 = write none (the final student is still saved; the run cannot be resumed)
+    resume: str = "none"  # none | auto | a checkpoint directory
+    max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
+    progress: bool = True
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward
+    fsdp: bool = False  # shard the student across the processes (torch FSDP2); HF models; see docs/distributed.md
+    fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (ZeRO-2 style)
+    fsdp_teacher: bool = False  # shard the frozen teacher (teacher.mode=model) across the processes too (FSDP2, forward only)
+    share_prefix: bool = True  # views of one model run the prompt prefix they share once (KV cache); text models
+    sample_every: int = 50  # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
+    # Continual learning: stages trained in sequence from one student (train.max_steps is then their
+    # sum); after each, every stage's test split is scored, giving continual.json's R[i][j].
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 0  # held-out samples scored before and after training (and after each stage); 0 = skip
+    batch_size: int = 32
+    max_new_tokens: int = 48
+    # `mmdistill eval`: split name -> data path (shards, JSONL); empty = {"test": data.test_path}
+    splits: Dict[str, str] = field(default_factory=dict)
+    max_per_split: int = 0  # samples per split; 0 = all
+    # student | student_init (the config's student before training) | teacher, and each of them with
+    # the privileged context (student_priv, student_init_priv, teacher_priv): DOPD's self-teacher is student_priv
+    model: str = "student"
+    label: Optional[str] = None  # result file name under the output dir; default = model
+    output_dir: Optional[str] = None  # default: RUN_DIR/eval (or train.output_dir/eval for a config)
+    checker: Optional[str] = None  # exact | numeric | choice | scenes | arith | reasoning_gym:<task>; null = each sample's own
+    extraction: str = "tag"  # tag | last_number | regex | boxed
+    tag: str = "Answer:"
+    pattern: Optional[str] = None  # extraction=regex: the answer is the pattern's first group in its last match
+    tolerance: float = 1.0e-6  # numeric checker: relative or absolute
+    samples: int = 1  # responses per prompt: accuracy is pass@1 over them, pass@k reported for k = 1, 2, 4 ... samples
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+
+
+@dataclass
+class Config:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    privileged: PrivilegedConfig = field(default_factory=PrivilegedConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+

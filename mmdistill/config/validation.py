@@ -1,0 +1,132 @@
+"""Everything that can be wrong with a config, caught before a model loads and reported as one
+line naming the key."""
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from mmdistill.config.schema import ConfigError
+from mmdistill.methods.options import METHOD_OPTIONS
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "student.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.model.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.mode": ("model", "frozen_student", "ema", "live"),
+    "data.source": ("arith", "scenes", "jsonl", "shards"),
+    "data.on_bad_sample": ("raise", "skip"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.model": ("student", "student_init", "teacher", "student_priv", "student_init_priv", "teacher_priv"),
+    "eval.extraction": ("tag", "last_number", "regex", "boxed"),
+    "student.vision.tower.source": ("timm", "open_clip"),
+    "student.vision.projector": ("linear", "mlp"),
+    "teacher.model.vision.tower.source": ("timm", "open_clip"),
+    "teacher.model.vision.projector": ("linear", "mlp"),
+    "privileged.image.source": ("auto", "student", "teacher", "draw"),
+    "privileged.image.partial_boxes": ("subset", "unlabeled"),
+    "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
+}
+
+NULLABLE = {"train.mixed_precision"}  # null: left to accelerate (its config file or launcher flag)
+
+# key -> (lowest, highest, whether the lowest is allowed)
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "teacher.ema_decay": (0.0, 1.0, True),
+    "privileged.partial_ratio": (0.0, 1.0, True),
+    "privileged.prompt_share": (0.0, 1.0, True),
+    "privileged.image.box_digits": (0, 6, True),
+    "privileged.image.line_width": (0, float("inf"), False),
+    "student.vision.tower.image_size": (0, float("inf"), False),
+    "student.vision.pool_tokens": (0, float("inf"), True),
+    "teacher.model.vision.tower.image_size": (0, float("inf"), False),
+    "teacher.model.vision.pool_tokens": (0, float("inf"), True),
+    "data.num_workers": (0, 64, True),
+    "data.shuffle_buffer": (0, float("inf"), True),
+    "data.epochs": (0, float("inf"), True),
+    "data.scenes.num_train": (0, float("inf"), False),
+    "data.scenes.num_test": (0, float("inf"), True),
+    "data.scenes.image_size": (16, float("inf"), True),
+    "data.scenes.min_objects": (0, float("inf"), False),
+    "data.scenes.max_objects": (0, float("inf"), False),
+    "rollout.max_new_tokens": (0, float("inf"), False),
+    "rollout.temperature": (0.0, float("inf"), True),
+    "rollout.top_p": (0.0, 1.0, False),
+    "rollout.num_rollouts": (0, float("inf"), False),
+    "optim.lr": (0.0, float("inf"), False),
+    "optim.warmup_ratio": (0.0, 1.0, True),
+    "optim.grad_clip": (0.0, float("inf"), True),
+    "train.max_steps": (0, float("inf"), False),
+    "train.batch_size": (0, float("inf"), False),
+    "train.grad_accum": (0, float("inf"), False),
+    "train.keep_checkpoints": (0, float("inf"), True),
+    "train.log_every": (0, float("inf"), False),
+    "train.checkpoint_every": (0, float("inf"), True),
+    "train.max_length": (0, float("inf"), True),
+    "train.sample_every": (0, float("inf"), True),
+    "eval.num_samples": (0, float("inf"), True),
+    "eval.batch_size": (0, float("inf"), False),
+    "eval.max_new_tokens": (0, float("inf"), False),
+    "eval.max_per_split": (0, float("inf"), True),
+    "eval.samples": (0, float("inf"), False),
+    "eval.temperature": (0.0, float("inf"), True),
+    "eval.top_p": (0.0, 1.0, False),
+    "eval.tolerance": (0.0, float("inf"), True),
+    "data.arith.digits": (0, 6, False),
+    "data.arith.num_train": (0, float("inf"), False),
+    "data.arith.num_test": (0, float("inf"), True),
+}
+
+# Each method's own keys, from the CHOICES and RANGES its options dataclass declares.
+for _group, _options in METHOD_OPTIONS.items():
+    CHOICES.update({f"method.{_group}.{k}": v for k, v in _options.CHOICES.items()})
+    RANGES.update({f"method.{_group}.{k}": v for k, v in _options.RANGES.items()})
+
+
+def validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in NULLABLE:
+            continue
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
+    for key, (lo, hi, lo_ok) in RANGES.items():
+        v = OmegaConf.select(cfg, key)
+        if not ((v >= lo if lo_ok else v > lo) and v <= hi):
+            bound = f"{'[' if lo_ok else '('}{lo}, {hi}]"
+            raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
+    if cfg.data.source in ("jsonl", "shards") and not cfg.data.train_path:
+        raise ConfigError(f"config key 'data.train_path' must be set when data.source={cfg.data.source}")
+    bad = sorted(set(cfg.method.dopd.regimes) - {"ht", "lh", "hs", "ll"})
+    if bad:
+        raise ConfigError(f"config key 'method.dopd.regimes' has {bad}; allowed: ht, lh, hs, ll")
+    if cfg.method.chunk_size is not None and cfg.method.chunk_size < 0:
+        raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; must be null (auto), 0 (off) or positive")
+    if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:
+        raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
+    if cfg.student.gguf_file and not cfg.student.path:
+        raise ConfigError("config key 'student.gguf_file' needs student.path")
+    if cfg.data.scenes.min_objects > cfg.data.scenes.max_objects:
+        raise ConfigError("config key 'data.scenes.min_objects' is larger than data.scenes.max_objects")
+    bad = sorted(set(cfg.data.scenes.question_types) - {"count", "attribute", "spatial"})
+    if bad or not cfg.data.scenes.question_types:
+        raise ConfigError(f"config key 'data.scenes.question_types' has {bad or 'nothing'}; allowed: count, attribute, spatial")
+    for who in ("student", "teacher.model"):
+        model = OmegaConf.select(cfg, who)
+        if model.vision.tower.name and model.path:
+            raise ConfigError(f"config key '{who}.vision.tower.name' builds a new composite; it cannot be combined with {who}.path")
+        if model.vision.lm_path and not model.vision.tower.name:
+            raise ConfigError(f"config key '{who}.vision.lm_path' needs {who}.vision.tower.name")
+    if cfg.eval.extraction == "regex" and not cfg.eval.pattern:
+        raise ConfigError("config key 'eval.pattern' must be set when eval.extraction=regex")
+    if cfg.eval.samples > 1 and cfg.eval.temperature == 0:
+        raise ConfigError("config key 'eval.samples' > 1 needs eval.temperature > 0 (greedy samples are identical)")
+    for i, stage in enumerate(cfg.train.stages):
+        if stage.steps <= 0:
+            raise ConfigError(f"config key 'train.stages.{i}.steps' is {stage.steps}; must be positive")
+    names = [stage.name for stage in cfg.train.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'train.stages' has repeated names {names}; each stage needs its own")
+    if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
+        raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 (0 writes no checkpoints)")
+    if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
+        raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
+
+

@@ -1,0 +1,44 @@
+"""The token-level contract between adapters and methods.
+
+Every view scores the SAME response token ids; methods only ever see tensors aligned to
+those ids, so no objective needs to know whether privileged information was text or an image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+@dataclass
+class Batch:
+    """Responses to score: student rollouts (on-policy) or oracle responses (SFT).
+
+    response_ids: [B, N] long, right-padded with the pad id.
+    response_mask: [B, N] bool, True on real response tokens (EOS included).
+    samples: the records the responses answer (prompt, hint, reasoning, answer...).
+    """
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    samples: list[dict[str, Any]]
+    on_policy: bool = True
+
+    def __post_init__(self):
+        if self.response_ids.shape != self.response_mask.shape:
+            raise ValueError(
+                f"response_ids {tuple(self.response_ids.shape)} and response_mask "
+                f"{tuple(self.response_mask.shape)} differ in shape"
+            )
+        if len(self.samples) != self.response_ids.shape[0]:
+            raise ValueError(f"{len(self.samples)} samples for {self.response_ids.shape[0]} responses")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+# A method reads views["teacher_full"] etc.: a [B, N, V] tensor of next-token logits over the
+# vocabulary (unnormalised log-probs, in the model's dtype), aligned with Batch.response_ids.
+# Only views["student"] carries gradient. Methods normalise per chunk (mmdistill/losses/chunked.py).
+ViewLogits = Mapping[str, torch.Tensor]

@@ -1,0 +1,103 @@
+"""The one interface the training loop, checkpoints and exports use to reach their distributed
+engine. Data-parallel (ddp.py), FSDP2 (fsdp.py) and DeepSpeed ZeRO (deepspeed.py) each implement
+it; `mmdistill.distributed.select` chooses one per run, from how the run was launched.
+
+A step, whichever engine runs it: for each micro-batch, `with backend.micro_batch(model, last)`,
+forward and `backend.backward(model, loss)`; then `backend.optimizer_step(model, optimizer, clip)`.
+Whole weights (checkpoints, the final save, the EMA self-teacher, the replica checksum) come
+through `state`, `export_weights`, `parameters` and `whole_items`, one parameter gathered at a
+time where the engine shards them.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mmdistill.config import ConfigError
+from mmdistill.distributed import gather
+
+
+class Backend:
+    name = ""
+    collective = False  # whether the student's forward is a collective (every rank must call it)
+
+    def __init__(self, accelerator=None, cfg=None):
+        self.accelerator, self.cfg = accelerator, cfg
+
+    # -- processes ------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model) if self.accelerator else model
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def prepare_model(self, student: torch.nn.Module) -> torch.nn.Module:
+        """The student before its optimizer is built (FSDP2 shards it here)."""
+        return student
+
+    def build_optimizer(self, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float],
+                        weight_decay: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+    def prepare(self, student: torch.nn.Module, optimizer) -> tuple[torch.nn.Module, object]:
+        """Wrapped for gradient sync (DDP, DeepSpeed's engine), or already sharded (FSDP2)."""
+        return self.accelerator.prepare(student, optimizer)
+
+    def shard_teacher(self, teacher) -> None:
+        """train.fsdp_teacher: each rank keeps 1/N of a separate frozen teacher (FSDP2, forward only)."""
+        raise ConfigError(f"train.fsdp_teacher=true is not supported under {self.name}")
+
+    # -- a step ---------------------------------------------------------------------------------
+    def micro_batch(self, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """One micro-batch's forward and backward; only the last of a step syncs gradients."""
+        raise NotImplementedError
+
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
+        """`loss` is already divided by the step's micro-batch count."""
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, model: torch.nn.Module, optimizer, clip: float) -> float:
+        """Clip, step and zero the gradients; returns the gradient norm before clipping."""
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- whole weights --------------------------------------------------------------------------
+    def parameters(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """The parameters, each whole while it is read (the EMA self-teacher's update)."""
+        return gather.full_parameters(model)
+
+    def whole_items(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) of the state dict, one at a time, on every rank (the checksum)."""
+        return gather.whole_items(model)
+
+    def export_weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The weights the final save writes; None: the model's own save_pretrained reads them."""
+        return None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state(self, directory: Path, model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """(weights, optimizer state) that the main process writes to the checkpoint; every rank
+        calls it, and may write its own part into `directory`."""
+        raise NotImplementedError
+
+    def load_state(self, directory: Path, model: torch.nn.Module, optimizer, optimizer_state: dict | None) -> None:
+        raise NotImplementedError

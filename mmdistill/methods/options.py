@@ -1,0 +1,109 @@
+"""Every method's options: the `method.<name>` config groups, with the values each key may take.
+
+Plain dataclasses, free of torch, so a config is checked before anything heavy is imported; each
+method's class (opd.py, sft.py, gkd.py, ar_opd.py, dopd.py) takes them as keyword arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, List, Optional
+
+
+@dataclass
+class OPDConfig:
+    """`method.opd`: vanilla OPD's options (config keys, validated before a model loads)."""
+
+    estimator: str = "full"  # sampled | topk | full
+    topk: int = 128
+    target: str = "teacher_plain"
+    reduction: str = "seq"  # seq: mean per sequence then over sequences; token: over all tokens
+    topk_from: str = "student"  # whose top-K ids the topk estimator renormalises over
+    CHOICES: ClassVar[dict] = {"estimator": ("sampled", "topk", "full"),
+                               "target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
+                               "reduction": ("seq", "token"), "topk_from": ("student", "teacher")}
+    RANGES: ClassVar[dict] = {"topk": (0, float("inf"), False)}
+
+
+@dataclass
+class PrivilegedOPDConfig:
+    """`method.full_opd` / `method.partial_opd`: OPD whose target is teacher_full / teacher_partial."""
+
+    estimator: str = "full"
+    topk: int = 128
+    reduction: str = "seq"
+    topk_from: str = "student"
+    CHOICES: ClassVar[dict] = {"estimator": ("sampled", "topk", "full"), "reduction": ("seq", "token"),
+                               "topk_from": ("student", "teacher")}
+    RANGES: ClassVar[dict] = {"topk": (0, float("inf"), False)}
+
+
+@dataclass
+class SFTConfig:
+    """`method.sft`."""
+
+    reduction: str = "seq"
+    CHOICES: ClassVar[dict] = {"reduction": ("seq", "token")}
+    RANGES: ClassVar[dict] = {}
+
+
+@dataclass
+class GKDConfig:
+    """`method.gkd`."""
+
+    beta: float = 0.5  # 0 = forward KL, 1 = reverse KL, generalized JSD between
+    lam: float = 0.5  # fraction of micro-batches on student rollouts (the rest: oracle responses)
+    target: str = "teacher_plain"
+    reduction: str = "seq"
+    CHOICES: ClassVar[dict] = {"target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
+                               "reduction": ("seq", "token")}
+    RANGES: ClassVar[dict] = {"beta": (0.0, 1.0, True), "lam": (0.0, 1.0, True)}
+
+
+@dataclass
+class AROPDConfig:
+    """`method.ar_opd`."""
+
+    lam: float = 0.8  # residual scale: 0 = partial OPD, 1 without clip = full OPD, > 1 extrapolates
+    clip: Optional[float] = 5.0  # |log qF - log qP| bound; null or <= 0 = no clip
+    alpha: float = 0.0  # 0 = forward KL(target || student), 1 = reverse KL, generalized JSD between
+    skip: int = 3  # first response tokens left out of the loss
+    temperature: float = 1.0
+    reduction: str = "seq"
+    CHOICES: ClassVar[dict] = {"reduction": ("seq", "token")}
+    RANGES: ClassVar[dict] = {"lam": (0.0, float("inf"), True), "alpha": (0.0, 1.0, True),
+                              "skip": (0, float("inf"), True), "temperature": (0.0, float("inf"), False)}
+
+
+@dataclass
+class DOPDConfig:
+    """`method.dopd`."""
+
+    beta_l: float = 0.6  # weight of the light regimes (LH: top-K to the teacher, HS: to the privileged self)
+    beta_w: float = 0.3  # weight of LL (weak self)
+    w_ht: float = 1.0  # weight of HT (deep teacher: full-vocabulary JS)
+    topk: int = 128
+    topk_from: str = "student"  # whose top-K ids the top-K terms renormalise over
+    trim: float = 0.05  # share of top outliers dropped from the batch thresholds
+    threshold: str = "trimmed_mean"  # trimmed_mean | mean
+    regimes: List[str] = field(default_factory=lambda: ["ht", "lh", "hs", "ll"])  # ablations drop some
+    routing: str = "advantage"  # advantage (the paper) | shuffled (ablation: same shares, random tokens)
+    self_target: str = "live"  # live: the student reading p (the paper) | frozen: the initial student reading p
+    reduction: str = "seq"
+    CHOICES: ClassVar[dict] = {"topk_from": ("student", "teacher"), "threshold": ("trimmed_mean", "mean"),
+                               "routing": ("advantage", "shuffled"), "self_target": ("live", "frozen"),
+                               "reduction": ("seq", "token")}
+    RANGES: ClassVar[dict] = {"beta_l": (0.0, float("inf"), True), "beta_w": (0.0, float("inf"), True),
+                              "w_ht": (0.0, float("inf"), True), "topk": (0, float("inf"), False),
+                              "trim": (0.0, 1.0, True)}
+
+
+# config group under `method.` -> its options dataclass
+METHOD_OPTIONS: dict[str, type] = {
+    "opd": OPDConfig,
+    "full_opd": PrivilegedOPDConfig,
+    "partial_opd": PrivilegedOPDConfig,
+    "gkd": GKDConfig,
+    "ar_opd": AROPDConfig,
+    "dopd": DOPDConfig,
+    "sft": SFTConfig,
+}

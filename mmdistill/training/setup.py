@@ -1,0 +1,138 @@
+"""Everything a run holds, built once before its first step: the method, the student (prepared
+by the distributed backend), the teacher and the frozen initial student its views need, the
+adapter, the data stream, the optimizer and schedule; resumed from a checkpoint when asked."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from transformers import get_cosine_schedule_with_warmup
+
+from mmdistill.adapters import TextAdapter, build_adapter
+from mmdistill.config import method_options, save_config
+from mmdistill.core.views import VIEW_SPEC
+from mmdistill.data.sources import load_split
+from mmdistill.data.stream import StagedStream, stages_of
+from mmdistill.distributed import Backend
+from mmdistill.methods.registry import Method, build_method
+from mmdistill.models.loading import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
+from mmdistill.models.teachers import Teacher, frozen_copy
+from mmdistill.models.weights import is_sharded
+from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint
+from mmdistill.training.logs import RolloutLog
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    accelerator: object
+    backend: Backend
+    run_dir: Path
+    method: Method
+    student: torch.nn.Module  # as the backend prepared it: gradients flow (and sync) through it
+    plain: torch.nn.Module  # the bare student: generation, saving and the EMA read it
+    proc: object  # the student's tokenizer or processor
+    teacher: Teacher | None
+    init: torch.nn.Module | None  # the initial student, frozen (view student_init_priv)
+    adapter: TextAdapter
+    stages: list
+    stream: StagedStream
+    test: list[dict]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    start: int = 0  # the step a resumed run continues after
+    summary: dict = field(default_factory=dict)
+    rollouts: RolloutLog | None = None  # rollout samples written as the run goes
+
+    @property
+    def total(self) -> int:
+        return self.stream.ends[-1]
+
+    def checkpointed(self) -> dict:
+        """What a checkpoint holds (save_checkpoint's and load_checkpoint's keyword arguments)."""
+        return dict(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher,
+                    stream=self.stream, backend=self.backend)
+
+
+def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
+    set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
+    run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    method = build_method(cfg.method.name, **method_options(cfg))
+    student, proc = load(cfg.student, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        set_checkpointing(student, True)
+    student = student.to(accelerator.device)
+    student.train()
+    teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
+    # The initial student, frozen (view student_init_priv): built before any checkpoint is loaded;
+    # a frozen_student teacher already is one.
+    init = None
+    if "student_init_priv" in method.views:
+        init = teacher.model if teacher is not None and teacher.mode == "frozen_student" else frozen_copy(student)
+    student = backend.prepare_model(student)
+    if cfg.train.fsdp_teacher and teacher is not None:
+        backend.shard_teacher(teacher)
+    limits = [cfg.train.max_length] if cfg.train.max_length else []
+    limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
+    adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
+    stages = stages_of(cfg)
+    stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
+    optimizer = backend.build_optimizer([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                        betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * stream.ends[-1]), stream.ends[-1])
+    # The frozen teacher is never wrapped: it stays in eval mode, whole on every device unless
+    # train.fsdp_teacher sharded it above. The scheduler steps once per optimizer step, by us.
+    student, optimizer = backend.prepare(student, optimizer)
+    run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher, init,
+              adapter, stages, stream, test, optimizer, scheduler)
+    resume_from = _resume_path(cfg, run_dir)
+    if resume_from is not None:
+        run.start = load_checkpoint(resume_from, **run.checkpointed())
+        accelerator.print(f"resumed from {resume_from} at step {run.start}")
+    run.summary = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
+                   "distributed": accelerator.distributed_type.value, "fsdp": cfg.train.fsdp,
+                   "fsdp_teacher": bool(teacher is not None and is_sharded(teacher.model)),
+                   "mixed_precision": accelerator.mixed_precision}
+    return run
+
+
+def _prepare_run_dir(cfg: DictConfig, main: bool) -> Path:
+    run_dir = Path(cfg.train.output_dir)
+    if cfg.train.resume == "none" and list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"train.output_dir '{run_dir}' already holds checkpoints; set train.resume=auto to continue it "
+            "or choose another train.output_dir"
+        )
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teacher | None, object]:
+    """The teacher and its tokenizer/processor (a self-teacher renders prompts as the student)."""
+    if not any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
+        return None, None
+    model, t_proc = None, None
+    if cfg.teacher.mode == "model":
+        model, t_proc = load(cfg.teacher.model, seed=cfg.train.seed + 1)
+        check_same_vocab(tokenizer_of(proc), tokenizer_of(t_proc), f"teacher.model.path={cfg.teacher.model.path}")
+        model = model.to(device)
+    return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay), t_proc
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(cfg.train.resume)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint directory")
+    return path
