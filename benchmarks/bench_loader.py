@@ -4,7 +4,7 @@
 
 Writes scenes samples (one 224x224 JPEG each, with photo-like noise by default; boxes, hints) to temporary shards, then times
 ShardStream over one epoch: tar reading, JSON and schema checks, JPEG decoding to PIL, the
-shuffle buffer and batching, i.e. everything the training loop receives. Target (issue 5):
+shuffle buffer and batching, i.e. everything the training loop receives. Target:
 at least 500 samples/s with 2 workers on the 2-core CPU machine.
 """
 from __future__ import annotations

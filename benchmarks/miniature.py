@@ -93,7 +93,7 @@ def vlm_track(b: Bench, p: dict) -> list[str]:
     teacher, init = root / "teacher", root / "student_init"
     b.job("vlm/teacher", teacher / "student" / "config.json", [
         "mmdistill", "train", "scenes_teacher_sft", f"train.output_dir={teacher}", f"train.max_steps={p['teacher_steps']}",
-        "optim.lr=2e-3",  # the recipe's lr when the README's tables were measured (the recipe now uses 5e-4)
+        "optim.lr=2e-3",  # the recipe's lr when docs/experiments/miniature.md's tables were measured (the recipe now uses 5e-4)
         "eval.num_samples=0", *shards])
     b.job("vlm/student_init", init / "student" / "config.json", [
         "mmdistill", "train", "scenes_student_init_sft", f"train.output_dir={init}", f"train.max_steps={p['init_steps']}",
