@@ -137,6 +137,27 @@ def test_two_ranks_share_a_grad_prefix_and_sync_it(tmp_path):
         assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-5), x["step"]
 
 
+def test_dopd_routes_by_the_whole_steps_tokens_on_every_rank_and_micro_batch(tmp_path):
+    """DOPD's thresholds are statistics of the optimizer step: 2 processes x 2 micro-batches of one
+    prompt train exactly as one process with both prompts in one micro-batch (greedy rollouts give
+    every rank the same responses, and plain means are unchanged by the duplicates). Each
+    micro-batch routed by itself trains otherwise."""
+    common = ("method.name=dopd", "method.dopd.threshold=mean", "rollout.temperature=0", "train.max_steps=2",
+              "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0")
+    whole = tmp_path / "whole"
+    r = subprocess.run([sys.executable, "-m", "mmdistill", "train", "tiny", "--no-launch", *common, "train.batch_size=2",
+                        f"train.output_dir={whole}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for scope in ("step", "micro_batch"):
+        r = launch(*common, "train.batch_size=1", "train.grad_accum=2", f"method.dopd.threshold_scope={scope}",
+                   f"train.output_dir={tmp_path / scope}", config="tiny")
+        assert r.returncode == 0, r.stderr[-4000:]
+    for a, b in zip(rows(whole), rows(tmp_path / "step"), strict=True):
+        for key in ("loss", "grad_norm", "threshold_a", "threshold_qs", "threshold_qt"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-6), (a["step"], key, a[key], b[key])
+    assert not math.isclose(rows(whole)[0]["loss"], rows(tmp_path / "micro_batch")[0]["loss"], rel_tol=1e-3)
+
+
 def test_two_rank_resume_matches_the_uninterrupted_run(ddp):
     full, resumed, r2 = ddp
     assert "resumed from" in r2.stdout + r2.stderr

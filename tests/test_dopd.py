@@ -571,3 +571,58 @@ def test_views_name_what_the_frozen_self_target_needs():
 
     with pytest.raises(ValueError, match="view 'student_init_priv' needs a frozen copy of the initial student"):
         Views(None, None, torch.nn.Linear(1, 1), None)["student_init_priv"]
+
+
+# ---------------------------------------------------------------- thresholds of the whole step
+
+MASK4 = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [True] * 5 + [False], [True] * 2 + [False] * 4])
+SPLIT_ROUTES_APART = 1  # a make_case seed (MASK4) whose halves, each routed alone, route tokens otherwise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_statistics_are_the_sampled_tokens_log_probs_under_both_privileged_views(seed):
+    zs, zp, zt, ids = make_case(seed, MASK4)
+    got = DOPD(chunk_size=2).token_statistics({"student_priv": zp, "teacher_full": zt}, batch_of(ids, MASK4))
+    toks = [(b, n) for b in range(4) for n in range(6) if MASK4[b, n]]
+    want_s = [float(torch.log_softmax(zp[b, n].double(), -1)[ids[b, n]]) for b, n in toks]
+    want_t = [float(torch.log_softmax(zt[b, n].double(), -1)[ids[b, n]]) for b, n in toks]
+    assert got["log_qs"].tolist() == pytest.approx(want_s, abs=1e-5)
+    assert got["log_qt"].tolist() == pytest.approx(want_t, abs=1e-5)
+
+
+@pytest.mark.parametrize("threshold", ["trimmed_mean", "mean"])
+def test_micro_batches_fitted_to_the_step_route_and_lose_as_the_whole_batch(threshold):
+    """Gradient accumulation over two micro-batches, thresholds fitted to both: every token gets
+    the regime and term it gets in one whole batch, so the accumulated loss is the whole batch's.
+    Each micro-batch routed by itself (micro_batch scope) does not."""
+    zs, zp, zt, ids = make_case(SPLIT_ROUTES_APART, MASK4)
+    whole, whole_metrics, *_ = run(DOPD(threshold=threshold, trim=0.2), zs, zp, zt, ids, MASK4)
+    ref, (m_a, m_s, m_t) = ref_route(torch.log_softmax(zp.double(), -1).gather(-1, ids[..., None])[..., 0],
+                                     torch.log_softmax(zt.double(), -1).gather(-1, ids[..., None])[..., 0], MASK4,
+                                     trim=0.2 if threshold == "trimmed_mean" else 0.0)
+    halves = [slice(0, 2), slice(2, 4)]
+    step = DOPD(threshold=threshold, trim=0.2)
+    found = [step.token_statistics({"student_priv": zp[h], "teacher_full": zt[h]}, batch_of(ids[h], MASK4[h]))
+             for h in halves]
+    step.fit({k: torch.cat([f[k] for f in found]) for k in ("log_qs", "log_qt")})
+    assert step.thresholds == pytest.approx((m_a, m_s, m_t), rel=1e-6)
+    losses = [run(step, zs[h], zp[h], zt[h], ids[h], MASK4[h]) for h in halves]
+    assert (losses[0][0] + losses[1][0]) / 2 == pytest.approx(float(whole), rel=1e-5)
+    for loss, metrics, *_ in losses:
+        assert metrics["threshold_a"] == pytest.approx(whole_metrics["threshold_a"], rel=1e-9)
+        assert metrics["threshold_qt"] == pytest.approx(whole_metrics["threshold_qt"], rel=1e-9)
+    alone = DOPD(threshold=threshold, trim=0.2, threshold_scope="micro_batch")
+    alone.fit({k: torch.cat([f[k] for f in found]) for k in ("log_qs", "log_qt")})  # ignored: each routes itself
+    apart = [run(alone, zs[h], zp[h], zt[h], ids[h], MASK4[h]) for h in halves]
+    assert (apart[0][0] + apart[1][0]) / 2 != pytest.approx(float(whole), rel=1e-5)
+    assert {m["threshold_a"] for _, m, *_ in apart} != {whole_metrics["threshold_a"]}
+
+
+def test_fit_none_routes_each_batch_by_itself():
+    zs, zp, zt, ids = make_case(ALL_REGIMES)
+    method = DOPD()
+    method.fit({"log_qs": torch.tensor([-9.0, -0.1]), "log_qt": torch.tensor([-0.1, -9.0])})
+    assert method.thresholds is not None
+    method.fit(None)
+    assert method.thresholds is None
+    assert run(method, zs, zp, zt, ids)[0] == run(DOPD(), zs, zp, zt, ids)[0]

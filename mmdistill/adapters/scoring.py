@@ -48,6 +48,17 @@ class Views(Mapping):
                 self.seconds[name] = time.perf_counter() - t0
         return self._cache[name]
 
+    def prefetch(self, names: tuple[str, ...]) -> None:
+        """Score these views now, grouped by model over their shared prefix, and no others: for a
+        method that reads some views before the step's losses (the student's, with gradient, comes
+        later, alone)."""
+        wanted, self.wanted = self.wanted, tuple(names)
+        try:
+            for name in names:
+                self[name]
+        finally:
+            self.wanted = wanted
+
     def _score_shared(self, model: torch.nn.Module, policy: str, group: list[str]) -> bool:
         logits, seconds = score_views(self.adapter, model, self.batch, [VIEW_SPEC[v][1] for v in group],
                                       [v == "student" for v in group], _prompts_of(policy))

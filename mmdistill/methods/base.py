@@ -22,6 +22,13 @@ class Method(Protocol):
         ...
 
 
+# A method whose loss needs statistics of the whole optimizer step (DOPD's routing thresholds)
+# also has `step_statistics` (True), `statistics_views`, `token_statistics(views, batch) -> {name:
+# 1-D tensor over the batch's response tokens}` and `fit(statistics | None)`: the training step
+# reads every micro-batch's statistics views first, gathers their statistics over all processes
+# and fits the method to them before any loss (training/step.py).
+
+
 # Shared by methods: argument checks and aligned gathers.
 
 REDUCTIONS = ("seq", "token")

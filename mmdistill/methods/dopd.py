@@ -9,7 +9,11 @@ on BOTH sides. On the sampled token y_n:
 
 Thresholds are batch statistics over the batch's response tokens: mA, mS, mT, the trimmed
 means (see `trimmed_mean`) of A, q_S and q_T (probabilities, not logs), each trimmed on its
-own. Every response token falls in exactly one regime:
+own. The batch is the optimizer step's (threshold_scope="step", the paper's): every micro-batch
+of gradient accumulation on every process; the training step gathers each micro-batch's
+`token_statistics` and hands them to `fit` before any loss. threshold_scope="micro_batch"
+routes each micro-batch on its own statistics (less memory: no micro-batch's privileged views
+wait for the others). Every response token falls in exactly one regime:
 
     regime  condition                          loss on pi_S(.|x)                           weight
     HT      A >= mA and q_T >= q_S             JS(pi_S(.|x), pi_T(.|x,p)), full vocabulary  w_ht = 1
@@ -56,6 +60,7 @@ HT, LH, HS, LL = 0, 1, 2, 3
 
 REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
+SCOPES = ("step", "micro_batch")
 ROUTINGS = ("advantage", "shuffled")
 # The self target of HS/LL: the live student reading p (the paper), or the initial student, frozen.
 SELF_TARGETS = {"live": "student_priv", "frozen": "student_init_priv"}
@@ -92,6 +97,7 @@ def route(
     mask: torch.Tensor,
     trim: float = 0.05,
     threshold: str = "trimmed_mean",
+    thresholds: tuple[float, float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DOPD's routing of response tokens into regimes HT=0, LH=1, HS=2, LL=3.
 
@@ -100,7 +106,8 @@ def route(
     (they may hold NaN or inf). threshold "trimmed_mean" drops the top `trim` fraction of each
     statistic (`trimmed_mean`); "mean" is the plain mean (trim ignored). Everything is compared
     in float64, so a token whose value equals the threshold is exactly on it. An empty mask
-    routes nothing and reports 0 for every statistic.
+    routes nothing and reports 0 for every statistic. `thresholds`: (mA, mS, mT) of a larger
+    batch these tokens belong to (`step_thresholds`), used instead of their own.
 
     stats: threshold_a, threshold_qs, threshold_qt (the thresholds mA, mS, mT), adv_gap (the
     untrimmed mean of A over the batch's response tokens), share_ht/lh/hs/ll (fractions of the
@@ -123,8 +130,10 @@ def route(
     lt = torch.where(mask, log_qt.double(), torch.zeros_like(log_qt, dtype=torch.float64))
     a = (lt - ls).abs()
     qs, qt = ls.exp(), lt.exp()
-    cut = trim if threshold == "trimmed_mean" else 0.0
-    m_a, m_s, m_t = (trimmed_mean(v[mask], cut) for v in (a, qs, qt))
+    if thresholds is None:
+        m_a, m_s, m_t = step_thresholds(ls[mask], lt[mask], trim, threshold)
+    else:
+        m_a, m_s, m_t = (torch.tensor(float(v), dtype=torch.float64, device=a.device) for v in thresholds)
     high = a >= m_a
     teacher_ahead = qt >= qs
     confident = qs + qt >= m_s + m_t
@@ -143,6 +152,15 @@ def route(
     for code, name in enumerate(REGIMES):
         stats[f"share_{name}"] = int((regime == code).sum()) / n
     return regime, stats
+
+
+def step_thresholds(log_qs: torch.Tensor, log_qt: torch.Tensor, trim: float = 0.05,
+                    threshold: str = "trimmed_mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mA, mS, mT) over 1-D log q_S, log q_T of a batch's response tokens (float64)."""
+    choice("threshold", threshold, THRESHOLDS)
+    ls, lt = log_qs.double(), log_qt.double()
+    cut = trim if threshold == "trimmed_mean" else 0.0
+    return tuple(trimmed_mean(v, cut) for v in ((lt - ls).abs(), ls.exp(), lt.exp()))
 
 
 def shuffle_regimes(regime: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -205,6 +223,7 @@ class DOPD:
         regimes=REGIMES,
         routing: str = "advantage",
         self_target: str = "live",
+        threshold_scope: str = "step",
     ):
         self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
@@ -218,6 +237,37 @@ class DOPD:
         self.self_view = SELF_TARGETS[choice("self_target", self_target, tuple(SELF_TARGETS))]
         self.views = ("student", self.self_view, "teacher_full")
         self.chunk_size = check_chunk_size(chunk_size)
+        self.threshold_scope = choice("threshold_scope", threshold_scope, SCOPES)
+        self.statistics_views = (self.self_view, "teacher_full")
+        self.thresholds: tuple[float, float, float] | None = None  # the step's, set by `fit`
+
+    # ------------------------------------------------------------ the step's thresholds
+
+    @property
+    def step_statistics(self) -> bool:
+        """Whether routing reads statistics of the whole optimizer step (see `fit`)."""
+        return self.threshold_scope == "step"
+
+    def token_statistics(self, views: ViewLogits, batch: Batch) -> dict[str, torch.Tensor]:
+        """log q_S and log q_T of this micro-batch's response tokens, 1-D in mask order: what the
+        step's thresholds are computed from. Reads only `statistics_views` (no gradient)."""
+        p = views[self.self_view].detach()
+        t = target_logits(views, "teacher_full", p)
+        mask = batch.response_mask.bool().to(p.device)
+        ids = safe_ids(batch.response_ids.to(p.device), mask)
+        got = token_values(lambda lp, lt, i: {"log_qs": gather_at(lp, i), "log_qt": gather_at(lt, i)}, p, [t], mask,
+                           extras=[ids], chunk_size=self.chunk_size)
+        return {k: got.get(k, torch.zeros(mask.shape, device=p.device))[mask] for k in ("log_qs", "log_qt")}
+
+    def fit(self, statistics: dict[str, torch.Tensor] | None) -> None:
+        """The step's thresholds from every micro-batch's `token_statistics` on every process,
+        concatenated; every micro-batch of the step is then routed by them. None: the step is a
+        single micro-batch, routed by its own statistics."""
+        if statistics is None or statistics["log_qs"].numel() == 0:
+            self.thresholds = None
+            return
+        found = step_thresholds(statistics["log_qs"], statistics["log_qt"], self.trim, self.threshold)
+        self.thresholds = tuple(float(v) for v in found)
 
     # ------------------------------------------------------------ per-regime weights
 
@@ -283,7 +333,8 @@ class DOPD:
 
         # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
         first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
-        regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold)
+        regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold,
+                              self.thresholds if self.step_statistics else None)
         if self.routing == "shuffled":
             regime = shuffle_regimes(regime)
         w = self.regime_weights(regime)

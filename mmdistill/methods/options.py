@@ -89,8 +89,12 @@ class DOPDConfig:
     routing: str = "advantage"  # advantage (the paper) | shuffled (ablation: same shares, random tokens)
     self_target: str = "live"  # live: the student reading p (the paper) | frozen: the initial student reading p
     reduction: str = "seq"
+    # step: thresholds over the optimizer step's response tokens, every micro-batch and process (the paper's
+    # batch) | micro_batch: over each micro-batch on its own process (holds no micro-batch's views for the others)
+    threshold_scope: str = "step"
     CHOICES: ClassVar[dict] = {"topk_from": ("student", "teacher"), "threshold": ("trimmed_mean", "mean"),
                                "routing": ("advantage", "shuffled"), "self_target": ("live", "frozen"),
+                               "threshold_scope": ("step", "micro_batch"),
                                "reduction": ("seq", "token")}
     RANGES: ClassVar[dict] = {"beta_l": (0.0, float("inf"), True), "beta_w": (0.0, float("inf"), True),
                               "w_ht": (0.0, float("inf"), True), "topk": (0, float("inf"), False),

@@ -1,6 +1,10 @@
 """One optimizer step, the same for every method and modality: sample responses (student rollouts,
 or oracle responses for off-policy methods), let the method read the views it names and map them
-to a loss, back-propagate each micro-batch, step the optimizer, move the self-teacher."""
+to a loss, back-propagate each micro-batch, step the optimizer, move the self-teacher.
+
+A method whose loss depends on statistics of the whole step's tokens (`step_statistics`: DOPD's
+routing thresholds) first sees every micro-batch's `token_statistics`, gathered over all
+processes, in `fit`; the views it read for them are kept for its loss."""
 from __future__ import annotations
 
 import math
@@ -9,8 +13,10 @@ import time
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import gather_object
 
 from mmdistill.adapters.scoring import Views
+from mmdistill.core.batch import Batch
 from mmdistill.training.setup import Run
 from mmdistill.training.stopping import stop_if_not_finite
 
@@ -20,17 +26,18 @@ def train_step(run: Run, step: int) -> dict | None:
     the data is exhausted before it starts."""
     run.stream.enter(run.stream.stage_of(step))
     t0 = time.perf_counter()
-    micro_batches = _fetch(run.stream, run.cfg.train.grad_accum)  # all first: the last one syncs the gradients
-    if not micro_batches:
+    fetched = _fetch(run.stream, run.cfg.train.grad_accum)  # all first: the last one syncs the gradients
+    if not fetched:
         return None
     timing: dict[str, float] = {}
+    sampled = _fit_step_statistics(run, step, fetched, timing) if getattr(run.method, "step_statistics", False) else None
     parts: dict[str, float] = {}
     tokens, lengths = 0, []
-    for i, samples in enumerate(micro_batches):
-        batch, metrics = _micro_batch(run, step, samples, last=i == len(micro_batches) - 1, scale=len(micro_batches),
-                                      timing=timing)
+    for i, samples in enumerate(fetched):
+        batch, views = sampled[i] if sampled else _sample(run, step, samples, timing)
+        metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched), timing=timing)
         for k, v in metrics.items():
-            parts[k] = parts.get(k, 0.0) + v / len(micro_batches)
+            parts[k] = parts.get(k, 0.0) + v / len(fetched)
         tokens += batch.num_tokens
         lengths += batch.response_mask.sum(1).tolist()
     with timed(timing, "time_optimizer"):
@@ -43,14 +50,43 @@ def train_step(run: Run, step: int) -> dict | None:
     return _row(run, parts, lr, grad_norm, tokens, lengths, time.perf_counter() - t0, timing)
 
 
-def _micro_batch(run: Run, step: int, samples: list[dict], last: bool, scale: int, timing: dict[str, float]):
+def _sample(run: Run, step: int, samples: list[dict], timing: dict[str, float]) -> tuple[Batch, Views]:
+    """A micro-batch's responses and the (lazy) views of them."""
     with timed(timing, "time_rollout"):
         on_policy = draw_on_policy(run.method)
         batch = run.adapter.rollout(run.plain, samples, run.cfg.rollout) if on_policy else run.adapter.oracle_batch(samples)
     run.rollouts.log(step, batch)
+    views = Views(run.adapter, batch, run.student, run.teacher.model if run.teacher else None, run.method.views,
+                  run.cfg.train.share_prefix, init=run.init)
+    return batch, views
+
+
+def _fit_step_statistics(run: Run, step: int, fetched: list[list[dict]], timing: dict[str, float]) -> list:
+    """Every micro-batch sampled and its statistics views read first; the method fits to the
+    statistics of all of them on all processes. One micro-batch on one process is its own step:
+    the method then routes it by itself (fit(None)), and its views are read together as usual."""
+    sampled = [_sample(run, step, samples, timing) for samples in fetched]
+    if len(sampled) == 1 and run.accelerator.num_processes == 1:
+        run.method.fit(None)
+        return sampled
+    t0 = time.perf_counter()
+    found: dict[str, list[torch.Tensor]] = {}
+    for batch, views in sampled:
+        views.prefetch(run.method.statistics_views)
+        for k, v in run.method.token_statistics(views, batch).items():
+            found.setdefault(k, []).append(v.detach().cpu())
+    mine = {k: torch.cat(v) for k, v in found.items()}
+    everyone = gather_object([mine]) if run.accelerator.num_processes > 1 else [mine]
+    run.method.fit({k: torch.cat([d[k] for d in everyone]) for k in mine})
+    seen = sum(sum(views.seconds.values()) for _, views in sampled)
+    timing["time_statistics"] = time.perf_counter() - t0 - seen  # without the views' forwards (time_view_*)
+    return sampled
+
+
+def _loss_and_backward(run: Run, step: int, batch: Batch, views: Views, last: bool, scale: int,
+                       timing: dict[str, float]) -> dict[str, float]:
+    before = sum(views.seconds.values())  # views already read for the step's statistics
     with run.backend.micro_batch(run.student, last=last):
-        views = Views(run.adapter, batch, run.student, run.teacher.model if run.teacher else None, run.method.views,
-                      run.cfg.train.share_prefix, init=run.init)
         with timed(timing, "time_loss"):
             loss, metrics = run.method.loss(views, batch)
         stop_if_not_finite(run.accelerator, step, loss, run.run_dir)
@@ -58,8 +94,8 @@ def _micro_batch(run: Run, step: int, samples: list[dict], last: bool, scale: in
             run.backend.backward(run.student, loss / scale)
     for name, seconds in views.seconds.items():
         timing[f"time_view_{name}"] = timing.get(f"time_view_{name}", 0.0) + seconds
-    timing["time_loss"] -= sum(views.seconds.values())  # the loss proper, without the views' forwards
-    return batch, metrics
+    timing["time_loss"] -= sum(views.seconds.values()) - before  # the loss proper, without the views' forwards
+    return metrics
 
 
 def _fetch(stream, n: int) -> list[list[dict]]:
