@@ -48,6 +48,23 @@ def _cmd_arith(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chain(args: argparse.Namespace) -> int:
+    from mmdistill.tasks import arith, chain
+
+    ops = tuple(dict.fromkeys(args.ops))
+    if not ops or set(ops) - set(arith.OPS):
+        print(f"error: --ops must be characters from {''.join(arith.OPS)!r}, got {args.ops!r}", file=sys.stderr)
+        return 2
+    try:
+        samples = chain.make_samples(args.n, args.seed, split=args.split, steps=args.steps, ops=ops)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = write_jsonl(args.out, samples)
+    print(f"wrote {n} samples to {args.out}")
+    return 0
+
+
 def _cmd_build_tokenizer(args: argparse.Namespace) -> int:
     from mmdistill.models.tokenizer import build_tokenizer
 
@@ -421,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--digits", type=int, default=2, help="operands have at most this many digits")
     a.add_argument("--ops", default="+", help='operators to mix, e.g. "+-*" (default "+")')
     a.set_defaults(func=_cmd_arith)
+
+    c = sub.add_parser(
+        "chain",
+        help="write seeded arithmetic chains (multi-step, with worked solutions and step hints) as JSONL",
+        description="Write arithmetic chains as JSONL (atomic: FILE.tmp then rename).",
+    )
+    c.add_argument("--out", required=True, help="output .jsonl file")
+    c.add_argument("--n", type=int, required=True, help="number of samples")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split", default="train", choices=["train", "val", "test"])
+    c.add_argument("--steps", type=int, default=2, help="operations per chain (more than training saw: out of distribution)")
+    c.add_argument("--ops", default="+-*", help='operators to draw from, e.g. "+" for one continual stage (default "+-*")')
+    c.set_defaults(func=_cmd_chain)
 
     t = sub.add_parser(
         "build-tokenizer",

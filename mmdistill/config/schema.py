@@ -129,6 +129,17 @@ class ArithDataConfig:
 
 
 @dataclass
+class ChainDataConfig:
+    """Arithmetic chains (tasks/chain.py): `steps` operations drawn from `ops`, each with a worked solution."""
+
+    steps: int = 2
+    ops: str = "+-*"
+    seed: int = 0
+    num_train: int = 20000
+    num_test: int = 200
+
+
+@dataclass
 class ScenesDataConfig:
     """Procedural images of coloured shapes with questions; boxes + labels are the privileged data."""
 
@@ -143,7 +154,7 @@ class ScenesDataConfig:
 
 @dataclass
 class DataConfig:
-    # arith, scenes: built-in procedural tasks; jsonl: records from `train_path` (image paths
+    # arith, chain, scenes: built-in procedural tasks; jsonl: records from `train_path` (image paths
     # relative to the file); shards: WebDataset shards (a directory with a manifest, a
     # manifest, a brace pattern or a tar) streamed by mmdistill/data/shard_stream.py
     source: str = "arith"
@@ -155,6 +166,7 @@ class DataConfig:
     epochs: int = 0  # passes over the shards; 0 = endless (train.max_steps decides)
     on_bad_sample: str = "raise"  # raise: stop naming shard and key; skip: skip, count (data_bad_samples) and warn
     arith: ArithDataConfig = field(default_factory=ArithDataConfig)
+    chain: ChainDataConfig = field(default_factory=ChainDataConfig)
     scenes: ScenesDataConfig = field(default_factory=ScenesDataConfig)
 
 

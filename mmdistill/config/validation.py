@@ -11,7 +11,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.mode": ("model", "frozen_student", "ema", "live"),
-    "data.source": ("arith", "scenes", "jsonl", "shards"),
+    "data.source": ("arith", "chain", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.model": ("student", "student_init", "teacher", "student_priv", "student_init_priv", "teacher_priv"),
@@ -72,6 +72,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "data.arith.digits": (0, 6, False),
     "data.arith.num_train": (0, float("inf"), False),
     "data.arith.num_test": (0, float("inf"), True),
+    "data.chain.steps": (0, 8, False),
+    "data.chain.num_train": (0, float("inf"), False),
+    "data.chain.num_test": (0, float("inf"), True),
 }
 
 # Each method's own keys, from the CHOICES and RANGES its options dataclass declares.
@@ -103,6 +106,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
     if cfg.student.gguf_file and not cfg.student.path:
         raise ConfigError("config key 'student.gguf_file' needs student.path")
+    for group in ("arith", "chain"):
+        ops = cfg.data[group].ops
+        if not ops or set(ops) - {"+", "-", "*"}:
+            raise ConfigError(f"config key 'data.{group}.ops' is {ops!r}; must be characters from '+-*'")
     if cfg.data.scenes.min_objects > cfg.data.scenes.max_objects:
         raise ConfigError("config key 'data.scenes.min_objects' is larger than data.scenes.max_objects")
     bad = sorted(set(cfg.data.scenes.question_types) - {"count", "attribute", "spatial"})

@@ -5,7 +5,7 @@ from omegaconf import DictConfig
 
 from mmdistill.data.records import matches, read_jsonl
 from mmdistill.data.shard_stream import read_all
-from mmdistill.tasks import arith, scenes
+from mmdistill.tasks import arith, chain, scenes
 
 
 def load_split(cfg: DictConfig, split: str) -> list[dict]:
@@ -20,6 +20,9 @@ def _load_split(cfg: DictConfig, split: str) -> list[dict]:
     if cfg.source == "arith":
         n = cfg.arith.num_train if split == "train" else cfg.arith.num_test
         return arith.make_samples(n, cfg.arith.seed, split=split, digits=cfg.arith.digits, ops=tuple(cfg.arith.ops))
+    if cfg.source == "chain":
+        n = cfg.chain.num_train if split == "train" else cfg.chain.num_test
+        return chain.make_samples(n, cfg.chain.seed, split=split, steps=cfg.chain.steps, ops=tuple(dict.fromkeys(cfg.chain.ops)))
     if cfg.source == "scenes":
         sc = cfg.scenes
         return scenes.make_samples(sc.num_train if split == "train" else sc.num_test, sc.seed, split=split,
