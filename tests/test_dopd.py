@@ -34,8 +34,9 @@ def ref_trimmed_mean(values, trim):
     return sum(kept) / len(kept)
 
 
-def ref_route(lqs, lqt, mask, trim=0.05):
-    """Regimes as nested lists (-1 off the mask), with plain Python floats."""
+def ref_route(lqs, lqt, mask, trim=0.05, hs_rejected="self"):
+    """Regimes as nested lists (-1 off the mask), with plain Python floats. hs_rejected="teacher":
+    HS tokens with q_T below its threshold are HT."""
     toks = [(b, n) for b in range(mask.shape[0]) for n in range(mask.shape[1]) if mask[b, n]]
     a = {bn: abs(float(lqt[bn]) - float(lqs[bn])) for bn in toks}
     qs = {bn: math.exp(float(lqs[bn])) for bn in toks}
@@ -44,7 +45,8 @@ def ref_route(lqs, lqt, mask, trim=0.05):
     out = [[-1] * mask.shape[1] for _ in range(mask.shape[0])]
     for bn in toks:
         if a[bn] >= m_a:
-            out[bn[0]][bn[1]] = HT if qt[bn] >= qs[bn] else HS
+            teacher = qt[bn] >= qs[bn] or (hs_rejected == "teacher" and qt[bn] < m_t)
+            out[bn[0]][bn[1]] = HT if teacher else HS
         else:
             out[bn[0]][bn[1]] = LH if qs[bn] + qt[bn] >= m_s + m_t else LL
     return out, (m_a, m_s, m_t)
@@ -83,30 +85,39 @@ def ref_reduce(per_token, mask, reduction):
     return sum(seq) / len(seq)
 
 
+def ref_kl(ls, lt):
+    return sum(torch.exp(ls[v]) * (ls[v] - lt[v]) for v in range(ls.shape[0]))
+
+
 def ref_loss(zs, zp, zt, ids, mask, k, topk_from="student", weights=(1.0, 0.6, 0.3), reduction="seq", trim=0.05,
-             regimes=None):
+             regimes=None, self_mix=1.0, hs_rejected="self", ht="js", anchor=0.0, zi=None):
     """(loss, grad w.r.t. student logits, regimes, per-regime contributions), all float64 loops.
-    `regimes` (nested lists) replaces the routing, for the shuffled ablation."""
+    `regimes` (nested lists) replaces the routing, for the shuffled ablation. self_mix, hs_rejected,
+    ht, anchor (to zi, the initial student's logits): the variants, each written out token by token."""
     w_ht, beta_l, beta_w = weights
     s64 = zs.double().requires_grad_(True)
     ls = torch.log_softmax(s64, -1)
     lp, lt = torch.log_softmax(zp.double(), -1), torch.log_softmax(zt.double(), -1)
+    mixed = torch.log_softmax(self_mix * lp + (1 - self_mix) * lt, -1)
+    li = torch.log_softmax(zi.double(), -1) if zi is not None else None
     lqs = torch.tensor([[lp[b, n, ids[b, n]].item() for n in range(mask.shape[1])] for b in range(mask.shape[0])])
     lqt = torch.tensor([[lt[b, n, ids[b, n]].item() for n in range(mask.shape[1])] for b in range(mask.shape[0])])
     if regimes is None:
-        regimes, _ = ref_route(lqs, lqt, mask, trim)
+        regimes, _ = ref_route(lqs, lqt, mask, trim, hs_rejected)
     per = {r: [[ls.new_zeros(()) for _ in range(mask.shape[1])] for _ in range(mask.shape[0])] for r in range(4)}
     for b in range(mask.shape[0]):
         for n in range(mask.shape[1]):
             r = regimes[b][n]
             if r == HT:
-                per[r][b][n] = w_ht * ref_js(ls[b, n], lt[b, n])
+                per[r][b][n] = w_ht * (ref_js(ls[b, n], lt[b, n]) if ht == "js" else ref_kl(ls[b, n], lt[b, n]))
             elif r == LH:
                 per[r][b][n] = beta_l * ref_topk_rkl(ls[b, n], lt[b, n], k, topk_from)
             elif r == HS:
-                per[r][b][n] = beta_l * ref_topk_rkl(ls[b, n], lp[b, n], k, topk_from)
+                per[r][b][n] = beta_l * ref_topk_rkl(ls[b, n], mixed[b, n], k, topk_from)
             elif r == LL:
-                per[r][b][n] = beta_w * ref_topk_rkl(ls[b, n], lp[b, n], k, topk_from)
+                per[r][b][n] = beta_w * ref_topk_rkl(ls[b, n], mixed[b, n], k, topk_from)
+            if r >= 0 and anchor:
+                per[r][b][n] = per[r][b][n] + anchor * ref_kl(ls[b, n], li[b, n])
     parts = {r: ref_reduce(per[r], mask, reduction) for r in range(4)}
     total = sum(parts.values())
     total.backward()
@@ -626,3 +637,65 @@ def test_fit_none_routes_each_batch_by_itself():
     method.fit(None)
     assert method.thresholds is None
     assert run(method, zs, zp, zt, ids)[0] == run(DOPD(), zs, zp, zt, ids)[0]
+
+
+# ---------------------------------------------------------------- variants (not in the paper)
+
+
+@pytest.mark.parametrize("variant", [
+    {"self_mix": 0.5}, {"self_mix": 0.0}, {"hs_rejected": "teacher"}, {"ht_divergence": "reverse_kl"}, {"anchor": 0.3},
+    {"hs_rejected": "teacher", "ht_divergence": "reverse_kl"},
+    {"self_mix": 0.25, "hs_rejected": "teacher", "ht_divergence": "reverse_kl", "anchor": 1.5},
+])
+@pytest.mark.parametrize("seed", [ALL_REGIMES, 5])
+def test_variants_equal_float64_loop_reference(variant, seed):
+    zs, zp, zt, ids = make_case(seed)
+    zi = zs + torch.randn(zs.shape, generator=torch.Generator().manual_seed(seed + 100))
+    method = DOPD(topk=3, chunk_size=4, **variant)
+    s, p, t, i = (z.clone().requires_grad_(True) for z in (zs, zp, zt, zi))
+    views = {"student": s, "student_priv": p, "teacher_full": t, "student_init": i}
+    loss, metrics = method.loss(views, batch_of(ids))
+    loss.backward()
+    ref, grad, regimes, parts = ref_loss(zs, zp, zt, ids, MASK, 3, self_mix=variant.get("self_mix", 1.0),
+                                         hs_rejected=variant.get("hs_rejected", "self"),
+                                         ht=variant.get("ht_divergence", "js"), anchor=variant.get("anchor", 0.0), zi=zi)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(s.grad.double(), grad, rtol=1e-4, atol=1e-6)
+    for name in NAMES:
+        assert metrics[f"loss_{name}"] == pytest.approx(parts[name], rel=1e-4, abs=1e-7)
+    shares = {n: sum(r == c for row in regimes for r in row) / int(MASK.sum()) for c, n in enumerate(NAMES)}
+    assert all(metrics[f"share_{n}"] == pytest.approx(shares[n]) for n in NAMES)
+    assert p.grad is None and t.grad is None and i.grad is None
+    assert ("student_init" in method.views) == bool(variant.get("anchor"))
+
+
+def test_rejected_hs_tokens_move_to_ht_and_nothing_else_moves():
+    """The teacher's outright rejections among HS (q_T below mT) go to HT; an HS token the teacher
+    still finds likely (q_T above mT) stays, and so does every other token. Plain means (trim 0):
+    mA = 1.0635, mT = 0.3226."""
+    pairs = [(0.999, 0.33), (0.9, 0.001), (0.3, 0.3), (0.2, 0.25), (0.4, 0.35), (0.35, 0.3), (0.5, 0.5), (0.6, 0.55)]
+    lqs = torch.tensor([[math.log(s) for s, _ in pairs]])
+    lqt = torch.tensor([[math.log(t) for _, t in pairs]])
+    mask = torch.ones_like(lqs, dtype=torch.bool)
+    paper, stats = route(lqs, lqt, mask, trim=0.0)
+    assert paper.tolist() == [[HS, HS, LL, LL, LL, LL, LH, LH]]
+    assert stats["threshold_qt"] == pytest.approx(sum(t for _, t in pairs) / 8)
+    moved, _ = route(lqs, lqt, mask, trim=0.0, hs_rejected="teacher")
+    assert moved.tolist() == [[HS, HT, LL, LL, LL, LL, LH, LH]]
+    assert ref_route(lqs, lqt, mask, 0.0, hs_rejected="teacher")[0] == moved.tolist()
+
+
+def test_a_full_self_mix_and_a_zero_anchor_are_the_paper():
+    zs, zp, zt, ids = make_case(ALL_REGIMES)
+    paper = run(DOPD(topk=3), zs, zp, zt, ids)
+    same = run(DOPD(topk=3, self_mix=1.0, anchor=0.0, hs_rejected="self", ht_divergence="js"), zs, zp, zt, ids)
+    assert paper[0] == same[0] and paper[1] == same[1]
+    assert DOPD(anchor=0.0).views == DOPD().views
+
+
+@pytest.mark.parametrize("kwargs, key", [({"self_mix": 1.5}, "self_mix"), ({"self_mix": True}, "self_mix"),
+                                         ({"hs_rejected": "both"}, "hs_rejected"), ({"ht_divergence": "jsd"}, "ht_divergence"),
+                                         ({"anchor": -0.1}, "anchor"), ({"anchor": float("inf")}, "anchor")])
+def test_variant_options_are_validated(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        DOPD(**kwargs)

@@ -10,5 +10,6 @@ VIEW_SPEC: dict[str, tuple[str, str | None]] = {
     "teacher_partial": ("teacher", "partial"),
     "teacher_plain": ("teacher", None),
     "student_init_priv": ("student_init", "full"),  # the initial student, frozen, reading p
+    "student_init": ("student_init", None),  # the initial student, frozen, without p
 }
 VIEWS = tuple(VIEW_SPEC)

@@ -27,6 +27,14 @@ usual reduction weights ((1/|y|) over each sequence, then the mean over the batc
 reduction="seq"), with no per-regime renormalisation. A regime switched off (`regimes`) keeps
 its tokens (routing and shares are unchanged) but they add nothing to the loss.
 
+Variants (not in the paper; each an option, the paper's value the default): `self_mix` g < 1 aims
+HS and LL at log_softmax(g log pi_S(.|x,p) + (1 - g) log pi_T(.|x,p)), a self target the teacher
+corrects; `hs_rejected="teacher"` sends HS tokens the teacher rejects (q_T below mT) to HT instead of
+to the self; `ht_divergence="reverse_kl"` makes HT a full-vocabulary reverse KL (JS is bounded by
+log 2 and nearly flat where the two distributions barely overlap); `anchor` > 0 adds
+anchor * KL(pi_S(.|x) || pi_init(.|x)) on every response token, to the initial student (view
+student_init).
+
 Cost, all chunked (chunked.py): a no-grad pass gathers q_S, q_T and computes the diagnostics
 (routing needs the batch's q_S, q_T before any loss); the loss (one `token_loss` call) computes
 for each token only its own regime's term, with gradient into views["student"] only, and hands
@@ -40,7 +48,7 @@ import torch
 
 from mmdistill.core.batch import Batch, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
-from mmdistill.losses.divergences import entropy, entropy_and_reverse_kls, js, topk_reverse_kl
+from mmdistill.losses.divergences import entropy, entropy_and_reverse_kls, js, reverse_kl, topk_reverse_kl
 from mmdistill.methods.base import (
     TOPK_FROM,
     check_chunk_size,
@@ -62,11 +70,14 @@ REGIMES = ("ht", "lh", "hs", "ll")
 THRESHOLDS = ("trimmed_mean", "mean")
 SCOPES = ("step", "micro_batch")
 ROUTINGS = ("advantage", "shuffled")
+HS_REJECTED = ("self", "teacher")  # where HS tokens with q_T below mT go
+HT_DIVERGENCES = ("js", "reverse_kl")
 # The self target of HS/LL: the live student reading p (the paper), or the initial student, frozen.
 SELF_TARGETS = {"live": "student_priv", "frozen": "student_init_priv"}
-# Kinds of term, in the order of the per-token weight extras [B, N, 3]:
-# JS to teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to student_priv (HS, LL).
-TERMS = ("js_teacher", "topk_teacher", "topk_self")
+# Kinds of term, in the order of the per-token weight extras [B, N, 3 or 4]: JS (or reverse KL) to
+# teacher_full (HT), top-K reverse KL to teacher_full (LH), top-K reverse KL to the self target (HS,
+# LL), reverse KL to the initial student (the anchor, every token).
+TERMS = ("ht_teacher", "topk_teacher", "topk_self", "anchor")
 # self_kl and self_entropy watch the self target: KL(pi_S(.|x) || pi_S(.|x,p)) and the entropy of
 # pi_S(.|x,p), the two numbers that say whether self-distillation is drifting or collapsing.
 DIAGNOSTICS = ("reverse_kl", "student_entropy", "teacher_entropy", "self_kl", "self_entropy")
@@ -98,6 +109,7 @@ def route(
     trim: float = 0.05,
     threshold: str = "trimmed_mean",
     thresholds: tuple[float, float, float] | None = None,
+    hs_rejected: str = "self",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DOPD's routing of response tokens into regimes HT=0, LH=1, HS=2, LL=3.
 
@@ -107,13 +119,15 @@ def route(
     statistic (`trimmed_mean`); "mean" is the plain mean (trim ignored). Everything is compared
     in float64, so a token whose value equals the threshold is exactly on it. An empty mask
     routes nothing and reports 0 for every statistic. `thresholds`: (mA, mS, mT) of a larger
-    batch these tokens belong to (`step_thresholds`), used instead of their own.
+    batch these tokens belong to (`step_thresholds`), used instead of their own. hs_rejected
+    "teacher" routes HS tokens whose q_T is below mT to HT (a variant, not the paper).
 
     stats: threshold_a, threshold_qs, threshold_qt (the thresholds mA, mS, mT), adv_gap (the
     untrimmed mean of A over the batch's response tokens), share_ht/lh/hs/ll (fractions of the
     batch's response tokens; they sum to 1 when there is any).
     """
     choice("threshold", threshold, THRESHOLDS)
+    choice("hs_rejected", hs_rejected, HS_REJECTED)
     if log_qs.shape != log_qt.shape or log_qs.shape != mask.shape:
         raise ValueError(
             f"log_qs {tuple(log_qs.shape)}, log_qt {tuple(log_qt.shape)} and mask {tuple(mask.shape)} differ in shape"
@@ -142,6 +156,8 @@ def route(
         torch.where(teacher_ahead, HT, HS),
         torch.where(confident, LH, LL),
     )
+    if hs_rejected == "teacher":
+        codes = torch.where((codes == HS) & (qt < m_t), HT, codes)
     regime = torch.where(mask, codes, regime)
     stats.update(
         threshold_a=float(m_a),
@@ -194,7 +210,8 @@ class DOPD:
     """Dual on-policy distillation: per-token routing between teacher and self targets.
 
     beta_l: weight of LH and HS; beta_w: weight of LL; w_ht: weight of HT (1 in the paper,
-    exposed for ablations). topk: K of the top-K reverse KLs; topk_from: whose top-K ids, "student"
+    exposed for ablations). self_mix, hs_rejected, ht_divergence, anchor: the variants in the module
+    docstring (1.0, "self", "js", 0.0: the paper). topk: K of the top-K reverse KLs; topk_from: whose top-K ids, "student"
     (of pi_S(.|x), both sides renormalised on them) or "teacher" (of the target side: teacher_full
     for LH, student_priv for HS/LL). trim, threshold: see `route`. regimes: the regimes that
     contribute (ablation: a regime left out adds nothing). chunk_size: see chunked.token_loss
@@ -224,6 +241,10 @@ class DOPD:
         routing: str = "advantage",
         self_target: str = "live",
         threshold_scope: str = "step",
+        self_mix: float = 1.0,
+        hs_rejected: str = "self",
+        ht_divergence: str = "js",
+        anchor: float = 0.0,
     ):
         self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
@@ -235,7 +256,13 @@ class DOPD:
         self.regimes = _regimes(regimes)
         self.routing = choice("routing", routing, ROUTINGS)
         self.self_view = SELF_TARGETS[choice("self_target", self_target, tuple(SELF_TARGETS))]
-        self.views = ("student", self.self_view, "teacher_full")
+        if isinstance(self_mix, bool) or not isinstance(self_mix, (int, float)) or not 0.0 <= self_mix <= 1.0:
+            raise ValueError(f"self_mix must be a number in [0, 1], got {self_mix!r}")
+        self.self_mix = float(self_mix)
+        self.hs_rejected = choice("hs_rejected", hs_rejected, HS_REJECTED)
+        self.ht_divergence = choice("ht_divergence", ht_divergence, HT_DIVERGENCES)
+        self.anchor = _weight("anchor", anchor)
+        self.views = ("student", self.self_view, "teacher_full") + (("student_init",) if self.anchor else ())
         self.chunk_size = check_chunk_size(chunk_size)
         self.threshold_scope = choice("threshold_scope", threshold_scope, SCOPES)
         self.statistics_views = (self.self_view, "teacher_full")
@@ -272,41 +299,54 @@ class DOPD:
     # ------------------------------------------------------------ per-regime weights
 
     def regime_weights(self, regime: torch.Tensor) -> torch.Tensor:
-        """[B, N] regime codes -> [B, N, 3] float32 weights of the three kinds of term (TERMS)."""
+        """[B, N] regime codes -> [B, N, 3] float32 weights of the kinds of term (TERMS), [B, N, 4]
+        with the anchor."""
         on = {r: (r in self.regimes) for r in REGIMES}
-        w = torch.zeros(*regime.shape, 3, dtype=torch.float32, device=regime.device)
+        w = torch.zeros(*regime.shape, 4 if self.anchor else 3, dtype=torch.float32, device=regime.device)
         w[..., 0] = (regime == HT).float() * (self.w_ht if on["ht"] else 0.0)
         w[..., 1] = (regime == LH).float() * (self.beta_l if on["lh"] else 0.0)
         w[..., 2] = (regime == HS).float() * (self.beta_l if on["hs"] else 0.0) + (regime == LL).float() * (
             self.beta_w if on["ll"] else 0.0
         )
+        if self.anchor:
+            w[..., 3] = (regime >= 0).float() * self.anchor
         return w
 
     # ------------------------------------------------------------ per-token functions
 
-    def _terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, which: int) -> torch.Tensor:
+    def self_target(self, lp: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
+        """Log-probs of HS and LL's target: the self (lp), or its geometric mix with the teacher."""
+        if self.self_mix == 1.0:
+            return lp
+        return torch.log_softmax(self.self_mix * lp + (1.0 - self.self_mix) * lt, dim=-1)
+
+    def _terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, li: torch.Tensor, which: int) -> torch.Tensor:
         if which == 0:
-            return js(ls, lt)
-        target = lt if which == 1 else lp
+            return js(ls, lt) if self.ht_divergence == "js" else reverse_kl(ls, lt)
+        if which == 3:
+            return reverse_kl(ls, li)
+        target = lt if which == 1 else self.self_target(lp, lt)
         return topk_reverse_kl(ls, target, self.topk, index_from=self.topk_from)
 
-    def _weighted_terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    def _weighted_terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, li: torch.Tensor,
+                        w: torch.Tensor) -> list[torch.Tensor]:
         """[w[:, j] * term_j for each kind j of TERMS], each computed only on the rows where
         w[:, j] != 0 and 0 elsewhere: a row whose weights are all 0 is never computed, so it
         gives exactly 0 and a zero gradient (and no NaN) whatever its log-probs."""
         w = w.to(ls.dtype)
         out = []
-        for j in range(len(TERMS)):
+        for j in range(w.shape[-1]):
             col = ls[..., :0].sum(-1)  # zeros still attached to ls: a chunk of all-zero rows backpropagates 0
             rows = (w[:, j] != 0).nonzero().squeeze(-1)
             if rows.numel():
-                col = col.index_add(0, rows, w[rows, j] * self._terms(ls[rows], lt[rows], lp[rows], j))
+                col = col.index_add(0, rows, w[rows, j] * self._terms(ls[rows], lt[rows], lp[rows], li[rows], j))
             out.append(col)
         return out
 
-    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        a, b, c = self._weighted_terms(ls, lt, lp, w)
-        return a + b + c
+    def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """rest: (the initial student's log-probs, the weights) with the anchor, else (the weights)."""
+        li, w = rest if len(rest) == 2 else (ls, rest[0])
+        return sum(self._weighted_terms(ls, lt, lp, li, w))
 
     def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         h_s, (kl_t, kl_p) = entropy_and_reverse_kls(ls, [lt, lp])
@@ -334,7 +374,7 @@ class DOPD:
         # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
         first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
         regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold,
-                              self.thresholds if self.step_statistics else None)
+                              self.thresholds if self.step_statistics else None, self.hs_rejected)
         if self.routing == "shuffled":
             regime = shuffle_regimes(regime)
         w = self.regime_weights(regime)
@@ -344,7 +384,8 @@ class DOPD:
         active = torch.where(w.sum(-1) > 0, weight, zero)
         per_token = torch.zeros_like(weight)  # each token's weighted term: its regime's contribution
         if bool(active.any()):
-            loss = token_loss(self._per_token, s, [t, p], active, extras=[w], chunk_size=self.chunk_size, values_out=per_token)
+            targets = [t, p] + ([target_logits(views, "student_init", s)] if self.anchor else [])
+            loss = token_loss(self._per_token, s, targets, active, extras=[w], chunk_size=self.chunk_size, values_out=per_token)
         else:  # an empty sum: 0, attached to the graph, whatever padding rows hold (even NaN)
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
         contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero) for code, name in enumerate(REGIMES)}

@@ -92,13 +92,20 @@ class DOPDConfig:
     # step: thresholds over the optimizer step's response tokens, every micro-batch and process (the paper's
     # batch) | micro_batch: over each micro-batch on its own process (holds no micro-batch's views for the others)
     threshold_scope: str = "step"
+    # Variants, not in the paper (the defaults are the paper's): see methods/dopd.py
+    self_mix: float = 1.0  # HS/LL target: log_softmax(g log pi_S(.|x,p) + (1 - g) log pi_T(.|x,p)); 1 = the self
+    hs_rejected: str = "self"  # self | teacher: HS tokens with q_T below its threshold go to HT
+    ht_divergence: str = "js"  # js | reverse_kl (full vocabulary) on HT tokens
+    anchor: float = 0.0  # weight of KL(pi_S(.|x) || pi_init(.|x)) on every response token
     CHOICES: ClassVar[dict] = {"topk_from": ("student", "teacher"), "threshold": ("trimmed_mean", "mean"),
                                "routing": ("advantage", "shuffled"), "self_target": ("live", "frozen"),
-                               "threshold_scope": ("step", "micro_batch"),
+                               "threshold_scope": ("step", "micro_batch"), "hs_rejected": ("self", "teacher"),
+                               "ht_divergence": ("js", "reverse_kl"),
                                "reduction": ("seq", "token")}
     RANGES: ClassVar[dict] = {"beta_l": (0.0, float("inf"), True), "beta_w": (0.0, float("inf"), True),
                               "w_ht": (0.0, float("inf"), True), "topk": (0, float("inf"), False),
-                              "trim": (0.0, 1.0, True)}
+                              "trim": (0.0, 1.0, True), "self_mix": (0.0, 1.0, True),
+                              "anchor": (0.0, float("inf"), True)}
 
 
 # config group under `method.` -> its options dataclass

@@ -36,7 +36,7 @@ class Run:
     plain: torch.nn.Module  # the bare student: generation, saving and the EMA read it
     proc: object  # the student's tokenizer or processor
     teacher: Teacher | None
-    init: torch.nn.Module | None  # the initial student, frozen (view student_init_priv)
+    init: torch.nn.Module | None  # the initial student, frozen (views student_init, student_init_priv)
     adapter: TextAdapter
     stages: list
     stream: StagedStream
@@ -68,10 +68,10 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
-    # The initial student, frozen (view student_init_priv): built before any checkpoint is loaded;
-    # a frozen_student teacher already is one.
+    # The initial student, frozen (views student_init, student_init_priv): built before any
+    # checkpoint is loaded; a frozen_student teacher already is one.
     init = None
-    if "student_init_priv" in method.views:
+    if any(VIEW_SPEC[v][0] == "student_init" for v in method.views):
         init = teacher.model if teacher is not None and teacher.mode == "frozen_student" else frozen_copy(student)
     student = backend.prepare_model(student)
     if cfg.train.fsdp_teacher and teacher is not None:
