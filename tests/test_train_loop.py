@@ -123,3 +123,27 @@ def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(tmp_path, mo
     assert not (out / "student").exists() and not (out / "checkpoints" / "step_00000003").exists()
     weights = load_file(str(out / "checkpoints" / "step_00000002" / "student.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_held_out_accuracy_every_n_steps_and_the_rollouts_distinct_share(tmp_path):
+    """eval.every scores the held-out samples along the run, on the weights of that step: the last
+    row's accuracy is the one summary.json reports after training."""
+    cfg = load_config("tiny", [f"train.output_dir={tmp_path / 'ev'}", "eval.num_samples=4", "eval.every=2",
+                               "train.max_steps=4", "data.arith.num_test=4"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [("accuracy" in r) for r in rows] == [False, True, False, True]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert rows[-1]["accuracy"] == summary["accuracy_after"]
+    assert all(0 < r["rollout_distinct"] <= 1 for r in rows)
+
+
+def test_distinct_rate_counts_responses_as_their_real_tokens():
+    from mmdistill.core.batch import Batch
+    from mmdistill.training.step import distinct_rate
+
+    ids = torch.tensor([[5, 6, 0], [5, 6, 9], [5, 6, 0], [7, 0, 0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    # rows 0 and 1 are both "5 6" (padding differs), row 2 is "5 6 0", row 3 "7"
+    assert distinct_rate(Batch(ids, mask, [{}] * 4)) == 3 / 4
+    assert distinct_rate(Batch(ids[:1].repeat(3, 1), mask[:1].repeat(3, 1), [{}] * 3)) == 1 / 3

@@ -235,6 +235,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     num_samples: int = 0  # held-out samples scored before and after training (and after each stage); 0 = skip
+    every: int = 0  # also score them every N steps during training (metrics.jsonl "accuracy"); 0 = only before/after
     batch_size: int = 32
     max_new_tokens: int = 48
     # `mmdistill eval`: split name -> data path (shards, JSONL); empty = {"test": data.test_path}

@@ -62,6 +62,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "train.max_length": (0, float("inf"), True),
     "train.sample_every": (0, float("inf"), True),
     "eval.num_samples": (0, float("inf"), True),
+    "eval.every": (0, float("inf"), True),
     "eval.batch_size": (0, float("inf"), False),
     "eval.max_new_tokens": (0, float("inf"), False),
     "eval.max_per_split": (0, float("inf"), True),

@@ -58,6 +58,8 @@ def _run(cfg: DictConfig, accelerator, backend, stop: SignalStop) -> Path:
             step -= 1
             accelerator.print(f"data exhausted after {cfg.data.epochs} epoch(s); stopping at step {step}")
             break
+        if run.test and cfg.eval.every and step % cfg.eval.every == 0:  # held-out accuracy along the run
+            row["accuracy"] = heldout_accuracy(accelerator, run.adapter, run.plain, run.test, cfg)
         progress.step(step, row)
         if continual and step == run.stream.ends[run.stream.index]:  # a stage ends: score every stage's test split
             continual.set_row(run.stream.index, continual.scores(run.adapter, run.plain))

@@ -32,7 +32,7 @@ def train_step(run: Run, step: int) -> dict | None:
     timing: dict[str, float] = {}
     sampled = _fit_step_statistics(run, step, fetched, timing) if getattr(run.method, "step_statistics", False) else None
     parts: dict[str, float] = {}
-    tokens, lengths = 0, []
+    tokens, lengths, distinct = 0, [], 0.0
     for i, samples in enumerate(fetched):
         batch, views = sampled[i] if sampled else _sample(run, step, samples, timing)
         metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched), timing=timing)
@@ -40,6 +40,7 @@ def train_step(run: Run, step: int) -> dict | None:
             parts[k] = parts.get(k, 0.0) + v / len(fetched)
         tokens += batch.num_tokens
         lengths += batch.response_mask.sum(1).tolist()
+        distinct += distinct_rate(batch) / len(fetched)
     with timed(timing, "time_optimizer"):
         lr = run.scheduler.get_last_lr()[0]
         clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
@@ -47,6 +48,7 @@ def train_step(run: Run, step: int) -> dict | None:
         run.scheduler.step()
         if run.teacher is not None:
             run.teacher.update(run.backend.parameters(run.plain))
+    parts["rollout_distinct"] = distinct
     return _row(run, parts, lr, grad_norm, tokens, lengths, time.perf_counter() - t0, timing)
 
 
@@ -117,6 +119,13 @@ def _row(run: Run, parts: dict, lr: float, grad_norm: float, tokens: int, length
     bad = int(accelerator.reduce(torch.tensor(run.stream.bad_samples, device=accelerator.device), "sum"))
     return {**parts, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens), "tokens_per_s": tokens / seconds,
             "rollout_len": len_sum / n_seq, "step_s": seconds, **timing, "data_bad_samples": bad}
+
+
+def distinct_rate(batch: Batch) -> float:
+    """The share of distinct responses in a micro-batch: a student collapsing onto one answer
+    shows it here first."""
+    seen = {tuple(ids[mask].tolist()) for ids, mask in zip(batch.response_ids, batch.response_mask.bool())}
+    return len(seen) / len(batch.samples)
 
 
 def draw_on_policy(method) -> bool:
