@@ -405,6 +405,7 @@ def test_teachers_never_receive_gradient_and_protocol_fields():
     m = AROPD()
     assert (m.name, m.on_policy, m.views) == ("ar_opd", True, ("student", "teacher_full", "teacher_partial"))
     assert (m.lam, m.clip, m.alpha, m.skip, m.temperature, m.reduction, m.chunk_size) == (0.8, 5.0, 0.0, 3, 1.0, "seq", None)
+    assert (m.jsd_scale, m.empty_sequences) == ("continuous", "exclude")
     zs, zf, zp = three(16)
     s, f, p = (x.clone().requires_grad_(True) for x in (zs, zf, zp))
     loss, _ = m.loss({"student": s, "teacher_full": f, "teacher_partial": p}, make_batch())
@@ -483,6 +484,8 @@ def test_diagnostics_equal_brute_force():
         ({"clip": "5"}, "clip"),
         ({"reduction": "batch"}, "reduction"),
         ({"chunk_size": -1}, "chunk_size"),
+        ({"jsd_scale": "trl"}, "jsd_scale"),
+        ({"empty_sequences": "drop"}, "empty_sequences"),
     ],
 )
 def test_validates_options(kwargs, key):
@@ -494,3 +497,128 @@ def test_rejects_misaligned_views():
     zs, zf, zp = three(19)
     with pytest.raises(ValueError):
         AROPD().loss({"student": zs, "teacher_full": zf[:, :-1], "teacher_partial": zp}, make_batch())
+
+
+# ---------------------------------------------------------------- the release's choices
+
+
+def ref_div_unscaled(ls, lt, alpha):
+    """alpha 0: KL(t||s); 1: KL(s||t); between: alpha KL(t||m) + (1-alpha) KL(s||m), m = a t + (1-a) s."""
+    if alpha in (0, 1):
+        return ref_div(ls, lt, alpha)
+    total = ls[0].new_zeros(())
+    for v in range(len(ls)):
+        ps, pt = torch.exp(ls[v]), torch.exp(lt[v])
+        m = alpha * pt + (1 - alpha) * ps
+        total = total + alpha * pt * torch.log(pt / m) + (1 - alpha) * ps * torch.log(ps / m)
+    return total
+
+
+def ref_aropd_release_choices(zs, zf, zp, mask, lam, clip, alpha, skip, unscaled, zero):
+    """Brute force with the release's divergence scale and/or batch mean (empty sequences as 0)."""
+    s = zs.double().clone().requires_grad_(True)
+    kept = kept_positions(mask, skip)
+    means = []
+    for b, row in enumerate(kept):
+        vals = []
+        for n in row:
+            ls = ref_log_softmax([s[b, n, v] for v in range(s.shape[2])])
+            lt = ref_target(zf[b, n].double(), zp[b, n].double(), lam, clip)
+            vals.append(ref_div_unscaled(ls, lt, alpha) if unscaled else ref_div(ls, lt, alpha))
+        if vals:
+            means.append(sum(vals) / len(vals))
+        elif zero:
+            means.append(s.new_zeros(()))
+    loss = sum(means) / len(means)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["exclude", "zero"])
+@pytest.mark.parametrize("unscaled", [False, True], ids=["continuous", "unscaled"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_release_choices_against_brute_force(alpha, unscaled, zero):
+    zs, zf, zp = three(20)
+    method = AROPD(lam=0.8, clip=1.0, alpha=alpha, skip=2, jsd_scale="unscaled" if unscaled else "continuous",
+                   empty_sequences="zero" if zero else "exclude")
+    loss, _, grad = run(method, zs, zf, zp, make_batch())  # MASK with skip 2: the last response keeps nothing
+    ref, ref_grad = ref_aropd_release_choices(zs, zf, zp, MASK, 0.8, 1.0, alpha, 2, unscaled, zero)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    assert ref.item() > 1e-3
+
+
+def release_loss(zs, zf, zp, completion_mask, lam, clip, alpha, skip):
+    """The AR-OPD release's GD-SDFT loss for one micro-batch, written out after its code
+    (distil_trainer.py: _compute_gdsdft_target, _compute_distillation_kl, the loss mask that drops
+    positions < num_loss_tokens_to_skip of right-padded completions, _reduce_sequence_loss with unit
+    sample weights); the temperature is 1, as in its scripts."""
+    F = torch.nn.functional
+    ls, lf, lp = zs.log_softmax(-1), zf.log_softmax(-1), zp.log_softmax(-1)
+    target = torch.log_softmax(lp + lam * (lf - lp).clamp(min=-clip, max=clip), dim=-1)
+    if alpha == 0:
+        per_token = F.kl_div(ls, target, reduction="none", log_target=True).sum(-1)
+    elif alpha == 1:
+        per_token = F.kl_div(target, ls, reduction="none", log_target=True).sum(-1)
+    else:
+        a = torch.tensor(alpha, dtype=ls.dtype)
+        mix = torch.logsumexp(torch.stack([ls + torch.log(1 - a), target + torch.log(a)]), dim=0)
+        per_token = (a * F.kl_div(mix, target, reduction="none", log_target=True)
+                     + (1 - a) * F.kl_div(mix, ls, reduction="none", log_target=True)).sum(-1)
+    positions = torch.arange(completion_mask.shape[1]).unsqueeze(0).expand_as(completion_mask)
+    loss_mask = completion_mask.int() * (positions >= skip).int()
+    sample_loss = (per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)
+    weights = torch.ones(completion_mask.shape[0], dtype=sample_loss.dtype)
+    return (sample_loss * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_release_settings_equal_the_release_loss(alpha):
+    """configs/ar_opd_release.yaml's method options give the release's loss and gradient, a
+    response shorter than skip (the third) included."""
+    mask = torch.tensor([[True] * 5, [True, True, True, True, False], [True, True, False, False, False]])
+    zs, zf, zp = three(21, dtype=torch.float64)
+    zf = zf * 3  # residuals beyond the clip
+    assert ((zf.log_softmax(-1) - zp.log_softmax(-1)).abs() > 5).any()
+    options = dict(lam=0.8, clip=5.0, alpha=alpha, skip=3, temperature=1.0, reduction="seq",
+                   jsd_scale="unscaled", empty_sequences="zero")
+    loss, _, grad = run(AROPD(**options), zs, zf, zp, make_batch(mask))
+    s = zs.clone().requires_grad_(True)
+    ref = release_loss(s, zf, zp, mask, 0.8, 5.0, alpha, 3)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, s.grad)
+
+
+def test_empty_sequences_zero_scales_the_loss_not_the_diagnostics():
+    zs, zf, zp = three(22)
+    batch = make_batch()  # with skip 2, one of the three responses keeps nothing
+    a, ma, ga = run(AROPD(skip=2, alpha=0.5), zs, zf, zp, batch)
+    b, mb, gb = run(AROPD(skip=2, alpha=0.5, empty_sequences="zero"), zs, zf, zp, batch)
+    torch.testing.assert_close(b, a * 2 / 3)
+    torch.testing.assert_close(gb, ga * 2 / 3)
+    assert mb.pop("loss") == pytest.approx(ma.pop("loss") * 2 / 3, rel=1e-6)
+    assert mb == pytest.approx(ma, rel=1e-6, abs=1e-7)
+    # nothing changes when every response keeps a token, and nothing is lost when none does
+    c, _, _ = run(AROPD(skip=0, empty_sequences="zero"), zs, zf, zp, batch)
+    d, _, _ = run(AROPD(skip=0), zs, zf, zp, batch)
+    torch.testing.assert_close(c, d)
+    e, _, ge = run(AROPD(skip=5, empty_sequences="zero"), zs, zf, zp, batch)
+    assert e.item() == 0.0 and torch.equal(ge, torch.zeros_like(ge))
+
+
+def test_unscaled_is_the_continuous_loss_times_alpha_one_minus_alpha_and_jumps_at_the_ends():
+    zs, zf, zp = three(23, dtype=torch.float64)
+    batch = make_batch()
+    for alpha in (0.2, 0.5):
+        a, _, ga = run(AROPD(alpha=alpha, skip=1), zs, zf, zp, batch)
+        b, _, gb = run(AROPD(alpha=alpha, skip=1, jsd_scale="unscaled"), zs, zf, zp, batch)
+        torch.testing.assert_close(b, alpha * (1 - alpha) * a)
+        torch.testing.assert_close(gb, alpha * (1 - alpha) * ga)
+    for end, near in ((0.0, 1e-6), (1.0, 1 - 1e-6)):
+        at_end, _, _ = run(AROPD(alpha=end, skip=1, jsd_scale="unscaled"), zs, zf, zp, batch)
+        assert at_end.item() == pytest.approx(run(AROPD(alpha=end, skip=1), zs, zf, zp, batch)[0].item())
+        cont, _, _ = run(AROPD(alpha=near, skip=1), zs, zf, zp, batch)
+        jump, _, _ = run(AROPD(alpha=near, skip=1, jsd_scale="unscaled"), zs, zf, zp, batch)
+        assert cont.item() == pytest.approx(at_end.item(), rel=1e-4)  # continuous
+        assert jump.item() < 1e-5 * at_end.item()  # the release's scale is not

@@ -191,3 +191,36 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
     h = -(lt.exp() * lt).sum(-1)
     torch.testing.assert_close(diag["target_entropy"][mask], h[mask].float())
     assert (diag["target_entropy"][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("empty", ["exclude", "zero"])
+@pytest.mark.parametrize("reduction", ["seq", "token"])
+def test_reduction_weights_empty_sequences_against_brute_force(reduction, empty):
+    """'zero': a sequence without tokens is a 0 in the mean over all rows (the AR-OPD release)."""
+    _, _, mask = data(1)
+    assert not mask[1].any() and mask.any(-1).sum() == 2
+    x = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = (reduction_weights(mask, reduction, dtype=torch.float64, empty=empty) * x).sum()
+    if reduction == "seq" and empty == "zero":
+        per_seq = []
+        for b in range(mask.shape[0]):
+            vals = [x[b, n] for n in range(mask.shape[1]) if mask[b, n]]
+            per_seq.append(sum(vals) / len(vals) if vals else x.new_zeros(()))
+        ref = sum(per_seq) / len(per_seq)
+    else:
+        ref = brute_masked_mean(x, mask, reduction)
+    torch.testing.assert_close(got, ref)
+    if reduction == "seq":
+        other = "zero" if empty == "exclude" else "exclude"
+        assert abs(got - (reduction_weights(mask, reduction, dtype=torch.float64, empty=other) * x).sum()) > 1e-3
+
+
+@pytest.mark.parametrize("empty", ["exclude", "zero"])
+def test_reduction_weights_all_empty_is_all_zero(empty):
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    assert torch.equal(reduction_weights(mask, "seq", empty=empty), torch.zeros(3, 4))
+
+
+def test_reduction_weights_validates_empty():
+    with pytest.raises(ValueError, match="empty"):
+        reduction_weights(torch.ones(2, 2, dtype=torch.bool), "seq", empty="drop")

@@ -15,7 +15,11 @@ from mmdistill.config import (
     load_config,
     method_options,
 )
+from mmdistill.adapters.text import CUT_RULES, cut_prefix
 from mmdistill.config.validation import CHOICES
+from mmdistill.losses.chunked import EMPTY_SEQUENCES
+from mmdistill.losses.divergences import JSD_SCALES
+from mmdistill.methods.registry import build_method
 
 SHIPPED_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -124,6 +128,37 @@ def test_method_options_returns_the_chosen_group():
     assert type(opts) is dict
     assert opts == {**OmegaConf.to_container(cfg.method.sft), "chunk_size": None}
     assert opts["reduction"] == "token" and "topk" not in opts and "estimator" not in opts
+
+
+def test_reference_fidelity_options_accept_exactly_what_the_library_does():
+    """The config's choices (validated before anything heavy loads) and the code's agree, and each
+    one reaches the method / the cut."""
+    assert CHOICES["privileged.partial_cut"] == CUT_RULES
+    assert CHOICES["method.ar_opd.jsd_scale"] == CHOICES["method.gkd.jsd_scale"] == JSD_SCALES
+    assert CHOICES["method.ar_opd.empty_sequences"] == EMPTY_SEQUENCES
+    for rule in CUT_RULES:
+        cut_prefix("a b c d", 0.5, rule)
+    for scale in JSD_SCALES:
+        for name in ("ar_opd", "gkd"):
+            opts = method_options(load_config(None, [f"method={name}", f"method.{name}.jsd_scale={scale}"]))
+            assert build_method(name, **opts).jsd_scale == scale
+    for empty in EMPTY_SEQUENCES:
+        opts = method_options(load_config(None, ["method=ar_opd", f"method.ar_opd.empty_sequences={empty}"]))
+        assert build_method("ar_opd", **opts).empty_sequences == empty
+    cfg = load_config()
+    assert (cfg.privileged.partial_cut, cfg.method.gkd.jsd_scale, cfg.method.ar_opd.jsd_scale,
+            cfg.method.ar_opd.empty_sequences, cfg.method.ar_opd.lam) == ("whitespace", "continuous", "continuous", "exclude", 0.8)
+
+
+def test_ar_opd_release_preset_sets_the_releases_choices():
+    cfg = load_config("ar_opd_release")
+    assert cfg.method.name == "ar_opd"
+    assert method_options(cfg) == {"lam": 0.8, "clip": 5.0, "alpha": 0.0, "skip": 3, "temperature": 1.0, "reduction": "seq",
+                                   "jsd_scale": "unscaled", "empty_sequences": "zero", "chunk_size": None}
+    assert (cfg.teacher.mode, cfg.teacher.ema_decay) == ("ema", 0.99)
+    assert (cfg.privileged.partial_field, cfg.privileged.partial_ratio, cfg.privileged.partial_cut) == ("reasoning", 0.5, "release")
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.num_rollouts) == (1.0, 1.0, 1)
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.grad_clip, cfg.optim.weight_decay) == (2e-5, 0.1, 1.0, 0.0)
 
 
 # --------------------------------------------------------------------------- resolvers

@@ -520,3 +520,91 @@ def test_entropy_and_reverse_kls_equal_the_separate_functions_with_zeros_on_eith
              for r in range(4)]
     torch.testing.assert_close(kl_p, torch.tensor(brute, dtype=torch.float64))
     assert math.isinf(kl_t[1]) and math.isfinite(kl_t[0]) and not torch.isnan(torch.stack([h, kl_t, kl_p])).any()
+
+
+# ---------------------------------------------------------------- generalized JSD, TRL's scale
+
+
+def ref_gjsd_unscaled(lp_s, lp_t, beta):
+    """GKD/TRL form as is: beta*KL(t||m) + (1-beta)*KL(s||m), m = beta*p_t + (1-beta)*p_s."""
+
+    def f(ls, lt):
+        ps = [torch.exp(ls[v]) for v in range(ls.shape[0])]
+        pt = [torch.exp(lt[v]) for v in range(lt.shape[0])]
+        m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+        return beta * _kl_probs(pt, m) + (1 - beta) * _kl_probs(ps, m)
+
+    return _per_position(f, lp_s, lp_t)
+
+
+def trl_generalized_jsd(lp_s, lp_t, beta):
+    """TRL's GKDTrainer.generalized_jsd_loss per position (reduction='none', summed over the vocab),
+    written out with its F.kl_div calls; the AR-OPD release's _compute_distillation_kl is the same
+    with alpha for beta."""
+    F = torch.nn.functional
+    if beta == 0:
+        return F.kl_div(lp_s, lp_t, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(lp_t, lp_s, reduction="none", log_target=True).sum(-1)
+    b = torch.tensor(beta, dtype=lp_s.dtype)
+    mix = torch.logsumexp(torch.stack([lp_s + torch.log(1 - b), lp_t + torch.log(b)]), dim=0)
+    kl_teacher = F.kl_div(mix, lp_t, reduction="none", log_target=True).sum(-1)
+    kl_student = F.kl_div(mix, lp_s, reduction="none", log_target=True).sum(-1)
+    return b * kl_teacher + (1 - b) * kl_student
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.1, 0.5, 0.9, 1 - 1e-3])
+def test_gjsd_unscaled_matches_reference(beta):
+    zs, zt = logits_pair(40)
+    compare(lambda s, t: D.generalized_jsd(s, t, beta, "unscaled"), lambda s, t: ref_gjsd_unscaled(s, t, beta), zs, zt)
+
+
+def test_gjsd_unscaled_with_zeros_on_either_side_matches_reference():
+    zs, zt = logits_pair(41, zeros_s=[(0, 0, 1), (1, 1, 3)], zeros_t=[(0, 0, 2), (1, 1, 4), (1, 2, 0)])
+    v = compare(lambda s, t: D.generalized_jsd(s, t, 0.4, "unscaled"), lambda s, t: ref_gjsd_unscaled(s, t, 0.4), zs, zt)
+    assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+def test_gjsd_unscaled_is_trls_formula_and_the_default_is_trls_over_beta_one_minus_beta(beta):
+    ls, lt = (x.double() for x in lps(*logits_pair(42)))
+    trl = trl_generalized_jsd(ls, lt, beta)
+    torch.testing.assert_close(D.generalized_jsd(ls, lt, beta, "unscaled"), trl)
+    scaled = D.generalized_jsd(ls, lt, beta)
+    if beta in (0.0, 1.0):
+        torch.testing.assert_close(scaled, trl)  # both scales are the KLs at the ends
+    else:
+        torch.testing.assert_close(scaled, trl / (beta * (1 - beta)))
+    if beta == 0.5:
+        torch.testing.assert_close(scaled, 4 * trl)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-6])
+def test_gjsd_unscaled_is_not_continuous_at_either_end(eps):
+    """It tends to 0 like eps * KL while the ends are the KLs: a jump of the whole KL."""
+    ls, lt = (x.double() for x in lps(*logits_pair(43, scale=1.0)))
+    fwd, rev = D.forward_kl(lt, ls), D.reverse_kl(ls, lt)
+    assert fwd.min() > 0.05 and rev.min() > 0.05
+    torch.testing.assert_close(D.generalized_jsd(ls, lt, 0.0, "unscaled"), fwd)
+    torch.testing.assert_close(D.generalized_jsd(ls, lt, 1.0, "unscaled"), rev)
+    near0, near1 = D.generalized_jsd(ls, lt, eps, "unscaled"), D.generalized_jsd(ls, lt, 1 - eps, "unscaled")
+    torch.testing.assert_close(near0, eps * fwd, atol=0, rtol=1e-2)
+    torch.testing.assert_close(near1, eps * rev, atol=0, rtol=1e-2)
+    # the same sums as the continuous scale, times beta (1 - beta)
+    torch.testing.assert_close(near0, eps * (1 - eps) * D.generalized_jsd(ls, lt, eps))
+
+
+def test_gjsd_unscaled_of_identical_distributions_is_zero_with_zero_gradient():
+    zs, _ = logits_pair(44)
+    s = zs.clone().requires_grad_()
+    ls = torch.log_softmax(s, -1)
+    v = D.generalized_jsd(ls, ls.detach(), 0.3, "unscaled")
+    assert v.abs().max() < 1e-6
+    v.sum().backward()
+    assert s.grad.abs().max() < 1e-6
+
+
+def test_gjsd_validates_scale():
+    ls, lt = lps(*logits_pair(0))
+    with pytest.raises(ValueError, match="scale"):
+        D.generalized_jsd(ls, lt, 0.5, "trl")

@@ -186,8 +186,92 @@ def test_identical_views_zero_loss_and_gradient():
         ({"target": "student"}, "target"),
         ({"reduction": "batch"}, "reduction"),
         ({"chunk_size": -2}, "chunk_size"),
+        ({"jsd_scale": "trl"}, "jsd_scale"),
     ],
 )
 def test_validates_options(kwargs, key):
     with pytest.raises(ValueError, match=key):
         GKD(**kwargs)
+
+
+# ---------------------------------------------------------------- TRL's scale
+
+
+def ref_gjsd_unscaled(ls, lt, beta):
+    """beta 0: KL(t||s); 1: KL(s||t); else beta KL(t||m) + (1-beta) KL(s||m), m = b t + (1-b) s."""
+    total = ls.new_zeros(())
+    for v in range(ls.shape[0]):
+        ps, pt = torch.exp(ls[v]), torch.exp(lt[v])
+        if beta == 0:
+            total = total + pt * (lt[v] - ls[v])
+        elif beta == 1:
+            total = total + ps * (ls[v] - lt[v])
+        else:
+            m = beta * pt + (1 - beta) * ps
+            total = total + beta * pt * torch.log(pt / m) + (1 - beta) * ps * torch.log(ps / m)
+    return total
+
+
+def trl_loss(student_logits, teacher_logits, labels, beta):
+    """TRL's GKDTrainer.generalized_jsd_loss (temperature 1, reduction "batchmean"), written out:
+    per-token generalized JSD, masked where labels == -100, summed and divided by the tokens kept."""
+    F = torch.nn.functional
+    ls, lt = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(ls, lt, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(lt, ls, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=ls.dtype)
+        mix = torch.logsumexp(torch.stack([ls + torch.log(1 - b), lt + torch.log(b)]), dim=0)
+        jsd = b * F.kl_div(mix, lt, reduction="none", log_target=True) + (1 - b) * F.kl_div(mix, ls, reduction="none", log_target=True)
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("reduction", ["seq", "token"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_unscaled_loss_and_gradient_equal_brute_force(beta, reduction):
+    zs, zt = make_logits(20), make_logits(21)
+    loss, _, grad = run(GKD(beta=beta, reduction=reduction, jsd_scale="unscaled"), zs, zt, make_batch())
+    ref, ref_grad = ref_loss(zs, zt, beta, reduction=reduction, fn=lambda a, b: ref_gjsd_unscaled(a, b, beta))
+    torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    assert ref.item() > 1e-3
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_unscaled_token_mean_is_trls_loss(beta):
+    """TRL's "batchmean" is a mean over all kept tokens: mmdistill's reduction="token"."""
+    zs, zt = make_logits(22, torch.float64), make_logits(23, torch.float64)
+    batch = make_batch()
+    labels = batch.response_ids.masked_fill(~MASK, -100)
+    s = zs.clone().requires_grad_(True)
+    ref = trl_loss(s, zt, labels, beta)
+    ref.backward()
+    loss, _, grad = run(GKD(beta=beta, reduction="token", jsd_scale="unscaled"), zs, zt, batch)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, s.grad)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.7])
+def test_default_scale_is_trls_over_beta_one_minus_beta(beta):
+    """So at beta 0.5 the default loss, and its gradient, are 4x TRL's."""
+    zs, zt = make_logits(24, torch.float64), make_logits(25, torch.float64)
+    batch = make_batch()
+    assert GKD().jsd_scale == "continuous"
+    a, _, ga = run(GKD(beta=beta), zs, zt, batch)
+    b, _, gb = run(GKD(beta=beta, jsd_scale="unscaled"), zs, zt, batch)
+    factor = 1 / (beta * (1 - beta))
+    torch.testing.assert_close(a, factor * b)
+    torch.testing.assert_close(ga, factor * gb)
+
+
+@pytest.mark.parametrize("end,near", [(0.0, 1e-5), (1.0, 1 - 1e-5)])
+def test_unscaled_jumps_at_both_ends(end, near):
+    """TRL's scale is not continuous in beta: next to an end the loss is about 1e-5 of the end's KL."""
+    zs, zt = make_logits(5, torch.float64), make_logits(6, torch.float64)
+    batch = make_batch()
+    a, _, _ = run(GKD(beta=end, jsd_scale="unscaled"), zs, zt, batch)
+    b, _, _ = run(GKD(beta=near, jsd_scale="unscaled"), zs, zt, batch)
+    assert a.item() > 0.1 and b.item() < 1e-4 * a.item()

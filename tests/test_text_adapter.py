@@ -1,3 +1,7 @@
+import math
+import random
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -72,9 +76,6 @@ def test_cut_prefix(text, ratio, expected):
 
 
 def test_cut_prefix_brute_force():
-    import math
-    import re
-
     text = "The ones  give 7+8=15, so write 5 and carry 1 into the tens."
     word_ends = [m.end() for m in re.finditer(r"\S+", text)]
     for k in range(1, 40):
@@ -86,6 +87,90 @@ def test_cut_prefix_brute_force():
         else:
             expected = text[: min(e for e in word_ends if e >= n)]
         assert cut_prefix(text, ratio) == expected, ratio
+
+
+def brute_cut_whitespace(text, ratio):
+    """The shortest prefix of at least ceil(ratio * len) characters that ends at a whitespace or
+    at the end of a run of non-whitespace, right-stripped."""
+    if ratio >= 1.0 or len(re.findall(r"\S+", text)) <= 2:
+        return text
+    n = math.ceil(ratio * len(text))
+    if n == 0:
+        return ""
+    ends = [k for k in range(1, len(text) + 1) if k == len(text) or text[k - 1].isspace() or text[k].isspace()]
+    return text[: min(k for k in ends if k >= n)].rstrip()
+
+
+def brute_cut_release(text, ratio):
+    """The AR-OPD release's cut as a set of allowed ends: on the stripped text, the shortest prefix
+    of at least max(1, ceil(ratio * len)) characters that does not end between two word characters
+    (str.isalnum(), "_" and the backslash; Python's \\w is isalnum() or "_"), right-stripped."""
+    t = text.strip()
+    if ratio >= 1.0 or len(re.findall(r"\S+", t)) <= 2:
+        return t
+    word = lambda c: c.isalnum() or c in "_\\"
+    n = max(1, math.ceil(ratio * len(t)))
+    ends = [k for k in range(1, len(t) + 1) if k == len(t) or not (word(t[k - 1]) and word(t[k]))]
+    return t[: min(k for k in ends if k >= n)].rstrip()
+
+
+RATIOS = [k / 20 for k in range(21)] + [1e-9, 0.333]
+
+
+@pytest.mark.parametrize(
+    "text,ratio,release,whitespace",
+    [
+        ("", 0.5, "", ""),  # empty text
+        ("   \n", 0.5, "", "   \n"),  # only whitespace: no words, kept (stripped by the release)
+        ("alpha beta gamma delta", 0.0, "alpha", ""),  # rho 0: at least one character, then its word
+        ("alpha beta gamma delta", 1e-9, "alpha", "alpha"),
+        ("alpha beta gamma delta", 1.0, "alpha beta gamma delta", "alpha beta gamma delta"),
+        ("  alpha beta gamma delta \n", 1.0, "alpha beta gamma delta", "  alpha beta gamma delta \n"),
+        ("alpha beta gamma delta", 0.3, "alpha beta", "alpha beta"),  # 7 chars land inside "beta"
+        ("alpha beta gamma delta", 0.5, "alpha beta", "alpha beta"),  # 11 chars end on a space
+        ("\n\n  alpha beta gamma  ", 0.5, "alpha beta", "\n\n  alpha beta"),  # the release strips first
+        ("one", 0.0, "one", "one"),  # one word, or two, are kept whole
+        ("  one  ", 0.5, "one", "  one  "),
+        ("two words", 0.1, "two words", "two words"),
+        ("x = 3.14159 and more", 0.3, "x = 3.", "x = 3.14159"),  # punctuation stops the release's cut
+        ("x = 3.14159 and more", 0.0, "x", ""),
+        ("(a) b c d", 0.0, "(", ""),  # a first character that is no word character stays alone
+        ("(a) b c d", 0.2, "(a", "(a)"),
+        ("\\frac{1}{2} is one half", 0.0, "\\frac", ""),  # backslashes are word characters
+        ("\\frac{1}{2} is one half", 0.3, "\\frac{1", "\\frac{1}{2}"),
+        ("see \\alpha\\beta now ok", 0.3, "see \\alpha\\beta", "see \\alpha\\beta"),
+        ("αβγ δεζ ηθι", 0.0, "αβγ", ""),  # Unicode letters are word characters
+        ("αβγ δεζ ηθι", 0.5, "αβγ δεζ", "αβγ δεζ"),
+        ("naïve café façade ok", 0.25, "naïve", "naïve"),
+        ("a, b, c, d", 0.4, "a, b", "a, b,"),
+    ],
+)
+def test_cut_prefix_rules_on_edge_cases(text, ratio, release, whitespace):
+    assert cut_prefix(text, ratio, "release") == release == brute_cut_release(text, ratio)
+    assert cut_prefix(text, ratio, "whitespace") == whitespace == brute_cut_whitespace(text, ratio)
+    assert cut_prefix(text, ratio) == whitespace  # the default rule
+
+
+def test_cut_prefix_rules_equal_brute_force_on_random_strings():
+    """Strings over word characters (ASCII, digit, Unicode, backslash), punctuation and whitespace."""
+    rng = random.Random(0)
+    alphabet = "ab1é\\.{}+  \n\t"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))) for _ in range(3000)]
+    texts += [" ".join(texts[i].split()) for i in range(0, 3000, 3)]  # fewer stray blanks: more 3+ word texts
+    cut = 0
+    for text in texts:
+        for ratio in RATIOS:
+            got = cut_prefix(text, ratio, "release")
+            assert got == brute_cut_release(text, ratio), (text, ratio)
+            assert cut_prefix(text, ratio, "whitespace") == brute_cut_whitespace(text, ratio), (text, ratio)
+            assert got.strip() == got and (got or not text.strip())  # never empty unless there is no text
+            cut += got != text.strip()
+    assert cut > 10000  # the data really exercise cuts, not only the keep-whole rules
+
+
+def test_cut_prefix_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="rule"):
+        cut_prefix("a b c", 0.5, "words")
 
 
 def test_response_mask_brute_force():
@@ -290,6 +375,49 @@ def test_ar_opd_preset_views(tok):
     assert full == f"{s['prompt']}\nExample solution: {s['reasoning']}\nAnswer: {s['answer']}"
     assert part == f"{s['prompt']}\nExample solution: {cut_prefix(s['reasoning'], 0.5)}\nAnswer: {s['answer']}"
     assert len(cut_prefix(s["reasoning"], 0.5)) < len(s["reasoning"])
+
+
+def test_partial_cut_setting_reaches_the_partial_view(tok, cfg):
+    s = {"id": "c", "prompt": "Q?", "reasoning": "x = 3.14159 and more", "answer": "7"}
+    views = {}
+    for rule in ("whitespace", "release"):
+        priv = OmegaConf.merge(cfg.privileged, {"text": "{reasoning}", "partial_field": "reasoning", "partial_ratio": 0.3,
+                                                "partial_cut": rule})
+        ad = TextAdapter(tok, priv, 128)
+        views[rule] = ad.messages(s, "partial")[0]["content"]
+        assert ad.messages(s, "full")[0]["content"] == "Q?\nHint: x = 3.14159 and more"
+    assert views == {"whitespace": "Q?\nHint: x = 3.14159", "release": "Q?\nHint: x = 3."}
+
+
+# The AR-OPD release's teacher prompt (code/scripts/build_dual_numina_asft_dataset.py, TEACHER_TEMPLATE
+# and build_xml_trace), written out: the oracle trace as an example response.
+RELEASE_TEACHER_PROMPT = ("{question}\n\nThis is an example for a response to the question:\n"
+                          "<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n\n"
+                          "Now answer with a response of your own, including the thinking process.")
+
+
+def test_ar_opd_release_preset_renders_the_releases_prompts(tok):
+    cfg = load_config("ar_opd_release")
+    assert cfg.privileged.partial_cut == "release" and cfg.privileged.partial_ratio == 0.5
+    ad = TextAdapter(tok, cfg.privileged, 512)
+    samples = make_samples(20, 0, digits=3) + [
+        {"id": "r", "system": "Answer in tags.", "prompt": "Integrate.", "answer": "\\frac{1}{2}",
+         "reasoning": "We have \\int_0^1 x\\,dx = \\frac{x^2}{2} evaluated from 0 to 1, which is 1/2."}]
+    cut_differs = 0
+    for s in samples:
+        msgs = {lvl: ad.messages(s, lvl) for lvl in (None, "full", "partial")}
+        head = [{"role": "system", "content": s["system"]}] if "system" in s else []
+        assert msgs[None] == head + [{"role": "user", "content": s["prompt"]}]
+        partial = brute_cut_release(s["reasoning"], 0.5)
+        assert msgs["full"] == head + [{"role": "user", "content": RELEASE_TEACHER_PROMPT.format(
+            question=s["prompt"], reasoning=s["reasoning"], answer=s["answer"])}]
+        assert msgs["partial"] == head + [{"role": "user", "content": RELEASE_TEACHER_PROMPT.format(
+            question=s["prompt"], reasoning=partial, answer=s["answer"])}]
+        assert 0 < len(partial) < len(s["reasoning"])
+        cut_differs += partial != cut_prefix(s["reasoning"], 0.5)
+        texts = [ad.prompt_texts([s], lvl)[0] for lvl in (None, "full", "partial")]  # through the chat template
+        assert "<reasoning>" not in texts[0] and f"<answer>\n{s['answer']}\n</answer>" in texts[1] and texts[1] != texts[2]
+    assert cut_differs  # the release's rule, not mmdistill's default, made the partial views
 
 
 def test_prompt_share_gives_a_fixed_share_of_plain_prompts_the_privileged_text(tok, cfg):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -27,11 +28,29 @@ class ContextTooLong(ValueError):
     """A prompt that does not fit: we never cut the question or the privileged text."""
 
 
-def cut_prefix(text: str, ratio: float) -> str:
-    """The first `ratio` of `text`'s characters, extended to the end of the current word.
+# Partial-view cut rules (privileged.partial_cut).
+CUT_RULES = ("whitespace", "release")
+# The release's "word" characters: \w (Unicode letters, digits, _) and the backslash, so a LaTeX
+# command (\frac) is never split, while any other punctuation ends a word.
+_RELEASE_WORD = re.compile(r"[\w\\]")
+
+
+def cut_prefix(text: str, ratio: float, rule: str = "whitespace") -> str:
+    """The first `ratio` of `text`'s characters, extended so that no word is cut in two.
 
     Texts of two words or fewer are kept whole: cutting them leaves nothing usable.
+    rule "whitespace": the cut moves on to the next whitespace, so a number, formula or
+    punctuated token ("3.14", "x^2+1,") stays whole; ratio 0 gives "" (the view keeps nothing of
+    the field). rule "release": the AR-OPD release's cut, for reproducing it: the text is stripped
+    first, at least one character is kept (ratio 0 gives the first character and the word
+    characters right after it), and the cut moves on
+    only through word characters and backslashes, so a cut can leave "x = 3." of "x = 3.14" or
+    "\\frac{" of "\\frac{1}{2}", fragments the whitespace rule never makes.
     """
+    if rule == "release":
+        return _cut_release(text, ratio)
+    if rule != "whitespace":
+        raise ValueError(f"rule must be one of {list(CUT_RULES)}, got {rule!r}")
     if len(text.split()) <= 2 or ratio >= 1.0:
         return text
     n = math.ceil(ratio * len(text))
@@ -40,6 +59,23 @@ def cut_prefix(text: str, ratio: float) -> str:
     while n < len(text) and not text[n].isspace() and not text[n - 1].isspace():
         n += 1
     return text[:n].rstrip()
+
+
+def _cut_release(text: str, ratio: float) -> str:
+    text = text.strip()
+    if ratio >= 1.0 or len(text.split()) <= 2:
+        return text
+    n = max(1, math.ceil(ratio * len(text)))
+    if n >= len(text):
+        return text
+
+    def word(i: int) -> bool:
+        return _RELEASE_WORD.match(text[i]) is not None
+
+    if word(n - 1) and word(n):
+        while n < len(text) and word(n):
+            n += 1
+    return text[:n].rstrip()  # never empty: text[0] is not whitespace after the strip
 
 
 def response_mask(ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
@@ -131,7 +167,8 @@ class TextAdapter:
         """The sample's fields as `privileged.text` sees them at this level."""
         fields = dict(sample)
         if level == "partial":
-            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field), self.priv.partial_ratio)
+            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field), self.priv.partial_ratio,
+                                                         self.priv.partial_cut)
         return fields
 
     def privileged_text(self, sample: dict, level: str | None) -> str:

@@ -105,6 +105,10 @@ class PrivilegedConfig:
     # Partial views cut this sample field to a prefix of `partial_ratio` of its characters.
     partial_field: str = "hint"  # a text field, or "boxes" (the partial view then keeps privileged.image.partial_boxes)
     partial_ratio: float = 0.5
+    # How a text field is cut (adapters/text.py cut_prefix). whitespace: extend the cut to the next
+    # whitespace, nothing at ratio 0; release: the AR-OPD release's (strip, at least one character,
+    # extend through word characters and backslashes only).
+    partial_cut: str = "whitespace"
     image: PrivilegedImageConfig = field(default_factory=PrivilegedImageConfig)
     # Share of samples (chosen by a hash of their id) whose PLAIN prompt also carries p: a teacher's
     # SFT recipe sets it so the teacher learns to read p. Leave it at 0 for distillation.

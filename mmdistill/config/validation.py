@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher.model.vision.projector": ("linear", "mlp"),
     "privileged.image.source": ("auto", "student", "teacher", "draw"),
     "privileged.image.partial_boxes": ("subset", "unlabeled"),
+    "privileged.partial_cut": ("whitespace", "release"),
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
 

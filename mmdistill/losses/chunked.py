@@ -34,20 +34,31 @@ def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
     return chunk_size
 
 
-def reduction_weights(mask: torch.Tensor, reduction: str = "seq", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+# How a "seq" mean treats a sequence with no token in the mask (e.g. a response no longer than
+# AR-OPD's skip): left out of the mean, or counted as a 0 (the AR-OPD release's batch mean).
+EMPTY_SEQUENCES = ("exclude", "zero")
+
+
+def reduction_weights(mask: torch.Tensor, reduction: str = "seq", dtype: torch.dtype = torch.float32,
+                      empty: str = "exclude") -> torch.Tensor:
     """Per-token weights whose weighted sum is the masked mean.
 
-    "seq": mean over each sequence's tokens, then over the sequences that have any;
-    "token": mean over all tokens of the batch. An empty mask gives all-zero weights.
+    "seq": mean over each sequence's tokens, then over the sequences (rows): with empty="exclude"
+    only those that have a token, so a batch's loss does not shrink because some responses were
+    too short to keep anything; with empty="zero" over every row, each such row adding a 0, so a
+    row's weight is 1/rows whatever the others hold (the AR-OPD release). "token": mean over all
+    tokens of the batch (`empty` changes nothing there). An empty mask gives all-zero weights.
     """
+    if empty not in EMPTY_SEQUENCES:
+        raise ValueError(f"empty must be one of {list(EMPTY_SEQUENCES)}, got {empty!r}")
     m = mask.to(dtype)
     if reduction == "token":
         return m / m.sum().clamp(min=1.0)
     if reduction != "seq":
         raise ValueError(f"reduction must be 'seq' or 'token', got {reduction!r}")
     lengths = m.sum(-1, keepdim=True)
-    n_seqs = (lengths > 0).sum().clamp(min=1)
-    return m / lengths.clamp(min=1.0) / n_seqs
+    rows = (lengths > 0).sum().clamp(min=1) if empty == "exclude" else max(1, lengths.numel())
+    return m / lengths.clamp(min=1.0) / rows
 
 
 def _rows(t: torch.Tensor, b: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

@@ -111,25 +111,38 @@ def _kl_to_mixture(lp_a: torch.Tensor, lp_b: torch.Tensor, w_a: float, w_b: floa
     return terms.sum(-1)
 
 
-def generalized_jsd(lp_s: torch.Tensor, lp_t: torch.Tensor, beta: float) -> torch.Tensor:
-    """GKD's generalized JSD, rescaled so that it is continuous in beta on [0, 1].
+# How the generalized JSD is scaled for beta in (0, 1); the ends are forward / reverse KL either way.
+JSD_SCALES = ("continuous", "unscaled")
+
+
+def generalized_jsd(lp_s: torch.Tensor, lp_t: torch.Tensor, beta: float, scale: str = "continuous") -> torch.Tensor:
+    """GKD's generalized JSD; by default rescaled so that it is continuous in beta on [0, 1].
 
     With m = beta p_t + (1 - beta) p_s, TRL/GKD use beta KL(p_t||m) + (1 - beta) KL(p_s||m),
     which tends to 0 at both ends while the special cases beta = 0 / 1 are forward / reverse KL:
     a jump. Dividing by beta (1 - beta) gives KL(p_t||m)/(1 - beta) + KL(p_s||m)/beta, whose
     limits are exactly KL(p_t||p_s) at beta -> 0 and KL(p_s||p_t) at beta -> 1 (the other term
     vanishes like beta resp. 1 - beta), so a beta sweep moves smoothly between the two.
-    At beta = 0.5 it is 4x the standard Jensen-Shannon divergence.
+    At beta = 0.5 it is 4x the standard Jensen-Shannon divergence, and 4x TRL's value.
+
+    scale="unscaled" is TRL's `generalized_jsd_loss` and the AR-OPD release's
+    `_compute_distillation_kl` term for term, so their learning rates and loss curves compare
+    one to one. It is NOT continuous at either end: it goes to 0 as beta -> 0 or 1 (unless the
+    two distributions are equal) while the ends themselves are the KLs, as in both references.
     """
     beta = float(beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if scale not in JSD_SCALES:
+        raise ValueError(f"scale must be one of {list(JSD_SCALES)}, got {scale!r}")
     if beta == 0.0:
         return forward_kl(lp_t, lp_s)
     if beta == 1.0:
         return reverse_kl(lp_s, lp_t)
     kl_t = _kl_to_mixture(lp_t, lp_s, beta, 1.0 - beta)
     kl_s = _kl_to_mixture(lp_s, lp_t, 1.0 - beta, beta)
+    if scale == "unscaled":
+        return beta * kl_t + (1.0 - beta) * kl_s
     return kl_t / (1.0 - beta) + kl_s / beta
 
 

@@ -8,15 +8,22 @@ fully privileged view qF by a bounded residual, per response position (T = tempe
     log_target = log_softmax(lP + lam * r)
 
 lam = 0 is partial privileged OPD, lam = 1 without the clip is full privileged OPD, lam > 1
-extrapolates. The loss is a divergence between the target and pi_S(.|x), chosen by alpha:
+extrapolates. lam defaults to 0.8, the paper's setting and the release's main-experiment config
+(its code falls back to 1.0, which with the clip is full OPD with a bounded residual, not the
+method). The loss is a divergence between the target and pi_S(.|x), chosen by alpha:
 0 forward KL(target || student) (the release's default), 1 reverse KL(student || target), in
-between the generalized JSD of mmdistill.divergences (beta = alpha, continuous at both ends).
-The temperature applies to the two teacher views only; the student is scored at T = 1.
+between the generalized JSD of mmdistill.divergences (beta = alpha): `jsd_scale` "continuous"
+(default) is continuous at both ends so an alpha sweep is smooth, "unscaled" is the release's
+term for term (alpha(1 - alpha) times smaller, and discontinuous at both ends). The two agree at
+alpha 0 and 1, so the release's default run does not depend on it. The temperature applies to
+the two teacher views only; the student is scored at T = 1.
 
 The first `skip` response tokens of each sequence are dropped (the release skips 3): they
 add neither value nor gradient, and the reduction weights are computed on the remaining
-tokens, so "seq" is the mean over a sequence's kept tokens, then over the sequences that keep
-any (a response no longer than `skip` does not count).
+tokens, so "seq" is the mean over a sequence's kept tokens, then over the sequences. A response
+no longer than `skip` keeps nothing: `empty_sequences` "exclude" (default) leaves it out of the
+mean, so the loss of the others does not shrink with the number of short responses; "zero"
+counts it as a 0, the release's batch mean (each sequence weighs 1/B).
 
 Vocabulary entries with log-prob -inf (logits masked to -inf by the model or the adapter) never
 produce NaN. The rule, per entry v, with the target built from the formula's limits:
@@ -41,11 +48,12 @@ import math
 import torch
 
 from mmdistill.core.batch import Batch, ViewLogits
-from mmdistill.losses.chunked import reduction_weights, token_loss
-from mmdistill.losses.divergences import entropy, forward_kl, generalized_jsd
+from mmdistill.losses.chunked import EMPTY_SEQUENCES, reduction_weights, token_loss
+from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd
 from mmdistill.methods.base import (
     check_chunk_size,
     check_reduction,
+    choice,
     student_logits,
     target_logits,
     weighted_means,
@@ -122,6 +130,8 @@ class AROPD:
         temperature: float = 1.0,
         reduction: str = "seq",
         chunk_size: int | None = None,
+        jsd_scale: str = "continuous",
+        empty_sequences: str = "exclude",
     ):
         self.lam = _number("lam", lam)
         if self.lam < 0:
@@ -140,6 +150,8 @@ class AROPD:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.reduction = check_reduction(reduction)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.jsd_scale = choice("jsd_scale", jsd_scale, JSD_SCALES)
+        self.empty_sequences = choice("empty_sequences", empty_sequences, EMPTY_SEQUENCES)
 
     # -- per-token pieces (rows [C, V] of float32 log-probs at T = 1)
 
@@ -154,7 +166,7 @@ class AROPD:
 
     def _divergence(self, ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
         # generalized_jsd: beta 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t), like alpha.
-        return generalized_jsd(ls, lt, self.alpha)
+        return generalized_jsd(ls, lt, self.alpha, self.jsd_scale)
 
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor, lpp: torch.Tensor) -> torch.Tensor:
         return self._divergence(ls, lt)
@@ -177,8 +189,11 @@ class AROPD:
         full = target_logits(views, "teacher_full", s)
         partial = target_logits(views, "teacher_partial", s)
         kept = skip_mask(batch.response_mask, self.skip).to(s.device)
-        weight = reduction_weights(kept, self.reduction).to(s.device)
+        weight = reduction_weights(kept, self.reduction, empty=self.empty_sequences).to(s.device)
         diag: dict[str, torch.Tensor] = {}
         loss = token_loss(self._per_token, s, [full, partial], weight, chunk_size=self.chunk_size,
                           diagnostics=self._diagnostics, diag_out=diag, prepare=self.target)
-        return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
+        # Diagnostics describe the tokens that were scored, so short responses never dilute them
+        # (empty_sequences="zero" is about the loss's scale only).
+        diag_weight = weight if self.empty_sequences == "exclude" else reduction_weights(kept, self.reduction).to(s.device)
+        return loss, {"loss": float(loss.detach()), **weighted_means(diag, diag_weight)}

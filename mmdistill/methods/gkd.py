@@ -1,8 +1,11 @@
 """GKD: generalized knowledge distillation (Agarwal et al., 2024).
 
 Per token, the generalized JSD between the student and a target view with beta in [0, 1]
-(mmdistill.divergences.generalized_jsd: 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t),
-rescaled so it is continuous at both ends), averaged over response tokens.
+(mmdistill.divergences.generalized_jsd: 0 = forward KL(p_t || p_s), 1 = reverse KL(p_s || p_t)),
+averaged over response tokens. `jsd_scale` "continuous" (default) divides TRL's value by
+beta (1 - beta) so the loss is continuous at both ends of beta, which the method spec asks for and
+a beta sweep needs; it is 4x TRL's at beta 0.5. "unscaled" is TRL's `generalized_jsd_loss`, for
+runs that reuse a TRL recipe's learning rate and gradient clip or compare loss values with TRL.
 
 `lam` is the fraction of on-policy batches. The method does not sample: the training loop reads
 `on_policy_fraction`, draws per micro-batch whether to score student rollouts (probability lam)
@@ -17,7 +20,7 @@ import torch
 
 from mmdistill.core.batch import Batch, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss
-from mmdistill.losses.divergences import entropy, forward_kl, generalized_jsd, reverse_kl
+from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd, reverse_kl
 from mmdistill.methods.base import (
     TARGETS,
     check_chunk_size,
@@ -47,6 +50,7 @@ class GKD:
         target: str = "teacher_plain",
         reduction: str = "seq",
         chunk_size: int | None = None,
+        jsd_scale: str = "continuous",
     ):
         self.beta = _unit("beta", beta)
         self.lam = _unit("lam", lam)
@@ -55,10 +59,11 @@ class GKD:
         self.target = choice("target", target, TARGETS)
         self.reduction = check_reduction(reduction)
         self.chunk_size = check_chunk_size(chunk_size)
+        self.jsd_scale = choice("jsd_scale", jsd_scale, JSD_SCALES)
         self.views = ("student", target)
 
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
-        return generalized_jsd(ls, lt, self.beta)
+        return generalized_jsd(ls, lt, self.beta, self.jsd_scale)
 
     @staticmethod
     def _diagnostics(ls: torch.Tensor, lt: torch.Tensor) -> dict[str, torch.Tensor]:

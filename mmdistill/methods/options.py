@@ -54,22 +54,30 @@ class GKDConfig:
     lam: float = 0.5  # fraction of micro-batches on student rollouts (the rest: oracle responses)
     target: str = "teacher_plain"
     reduction: str = "seq"
+    # continuous: TRL's gJSD / (beta (1 - beta)), continuous in beta, 4x TRL's at beta 0.5;
+    # unscaled: TRL's generalized_jsd_loss as is (reuse a TRL recipe's lr / grad clip). docs/methods.md
+    jsd_scale: str = "continuous"
     CHOICES: ClassVar[dict] = {"target": ("teacher_plain", "teacher_full", "teacher_partial", "student_priv"),
-                               "reduction": ("seq", "token")}
+                               "reduction": ("seq", "token"), "jsd_scale": ("continuous", "unscaled")}
     RANGES: ClassVar[dict] = {"beta": (0.0, 1.0, True), "lam": (0.0, 1.0, True)}
 
 
 @dataclass
 class AROPDConfig:
-    """`method.ar_opd`."""
+    """`method.ar_opd`. configs/ar_opd_release.yaml sets every key the AR-OPD release fixes."""
 
-    lam: float = 0.8  # residual scale: 0 = partial OPD, 1 without clip = full OPD, > 1 extrapolates
+    # residual scale: 0 = partial OPD, 1 without clip = full OPD, > 1 extrapolates. 0.8: the paper and
+    # the release's main-experiment config (its code's fallback is 1.0).
+    lam: float = 0.8
     clip: Optional[float] = 5.0  # |log qF - log qP| bound; null or <= 0 = no clip
     alpha: float = 0.0  # 0 = forward KL(target || student), 1 = reverse KL, generalized JSD between
     skip: int = 3  # first response tokens left out of the loss
     temperature: float = 1.0
     reduction: str = "seq"
-    CHOICES: ClassVar[dict] = {"reduction": ("seq", "token")}
+    jsd_scale: str = "continuous"  # for 0 < alpha < 1; unscaled = the release's (as TRL's GKD)
+    empty_sequences: str = "exclude"  # seq mean over responses that keep a token; zero = the release's (count as 0)
+    CHOICES: ClassVar[dict] = {"reduction": ("seq", "token"), "jsd_scale": ("continuous", "unscaled"),
+                               "empty_sequences": ("exclude", "zero")}
     RANGES: ClassVar[dict] = {"lam": (0.0, float("inf"), True), "alpha": (0.0, 1.0, True),
                               "skip": (0, float("inf"), True), "temperature": (0.0, float("inf"), False)}
 
