@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = ["tiny", "train.max_steps=4", "train.checkpoint_every=2", "eval.num_samples=0"]
 # Metrics that depend on the run's state only (not on wall-clock time).
 DETERMINISTIC = ("loss", "lr", "grad_norm", "tokens", "rollout_len")

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from mmdistill.tasks.arith import make_samples
 from mmdistill.models.tokenizer import CHAT_TEMPLATE, ENGLISH_SENTENCES, build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "assets" / "tokenizer"
 ALL_OPS = ("+", "-", "*")
 

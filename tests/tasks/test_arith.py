@@ -18,7 +18,7 @@ from mmdistill.tasks.arith import (
     split_of,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPT_RE = re.compile(r"^Compute (\d+)([+\-*])(\d+)\.$")
 KEYS = {"id", "split", "domain", "prompt", "reasoning", "answer", "hint", "response"}
 

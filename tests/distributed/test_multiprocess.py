@@ -21,7 +21,7 @@ import pytest
 from mmdistill.data.shards import ShardWriter
 from mmdistill.tasks.scenes import make_samples
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DETERMINISTIC = ("loss", "lr", "grad_norm", "tokens", "rollout_len")
 
 
@@ -534,8 +534,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
-        "from test_train_loop import nan_at\n"
+        f"sys.path.insert(0, {str(REPO / 'tests' / 'training')!r})\n"
+        "from test_loop import nan_at\n"
         "from mmdistill.methods.opd import OPD\n"
         "OPD.loss = nan_at(2, rank=1)\n"
         "from mmdistill.cli import main\n"
