@@ -6,17 +6,16 @@ import random
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from mmdistill.adapters.text import TextAdapter
 from mmdistill.core.batch import Batch
-from mmdistill.config import load_config
-from mmdistill.models.loading import load_model, load_tokenizer, set_checkpointing
+from mmdistill.models.loading import load_model, set_checkpointing
 from mmdistill.adapters.prefix import can_share, score_views, shared_lengths
 from mmdistill.tasks.arith import make_samples
 from mmdistill.models.teachers import frozen_copy
 from mmdistill.adapters.scoring import Views
 from mmdistill.core.views import VIEW_SPEC
+from tests.helpers import rollout_cfg
 
 ALL = tuple(VIEW_SPEC)
 
@@ -50,9 +49,7 @@ def test_shared_lengths_edge_cases():
 
 
 @pytest.fixture(scope="module")
-def setup():
-    cfg = load_config("tiny")
-    tok = load_tokenizer(cfg.student)
+def setup(cfg, tok):
     student = load_model(cfg.student, tok, seed=0)
     teacher = load_model(cfg.teacher.model, tok, seed=1).eval().requires_grad_(False)
     adapter = TextAdapter(tok, cfg.privileged, max_length=128)
@@ -60,7 +57,7 @@ def setup():
     samples[1] = dict(samples[1], prompt=samples[1]["prompt"] + " Take care with each digit, please.")
     samples[3] = dict(samples[3], hint="")  # no p: its privileged views equal the plain one
     torch.manual_seed(0)
-    roll = OmegaConf.create(dict(max_new_tokens=12, temperature=1.0, top_p=1.0, num_rollouts=1))
+    roll = rollout_cfg(12)
     b = adapter.rollout(student, samples, roll)
     mask = b.response_mask.clone()
     mask[0, 5:] = False  # responses that ended early: right padding inside the batch
@@ -138,7 +135,7 @@ def test_rollouts_of_one_prompt_share_its_prefix_even_in_a_one_view_group(setup)
     adapter, student, teacher, _ = setup
     samples = make_samples(3, 1, digits=2)
     torch.manual_seed(1)
-    roll = OmegaConf.create(dict(max_new_tokens=8, temperature=1.0, top_p=1.0, num_rollouts=3))
+    roll = rollout_cfg(8, num_rollouts=3)
     batch = adapter.rollout(student, samples, roll)
     assert len(batch.samples) == 9 and len({id(s) for s in batch.samples}) == 3
     wanted = ("student", "teacher_plain", "teacher_full")

@@ -14,19 +14,10 @@ from mmdistill.adapters.text import (
 )
 from mmdistill.core.batch import Batch
 from mmdistill.config import load_config
-from mmdistill.models.loading import check_same_vocab, load_model, load_tokenizer
+from mmdistill.models.loading import check_same_vocab, load_model
 from mmdistill.tasks.arith import make_samples
 from mmdistill.adapters.scoring import Views
-
-
-@pytest.fixture(scope="module")
-def cfg():
-    return load_config("tiny")
-
-
-@pytest.fixture(scope="module")
-def tok(cfg):
-    return load_tokenizer(cfg.student)
+from tests.helpers import rollout_cfg
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +35,6 @@ def samples():
     s = make_samples(4, 0, digits=2)
     s[1] = dict(s[1], prompt=s[1]["prompt"] + " Take care with each digit, please.")  # uneven prompt lengths
     return s
-
-
-def rollout_cfg(**kw):
-    base = dict(max_new_tokens=16, temperature=1.0, top_p=1.0, num_rollouts=1)
-    return OmegaConf.create({**base, **kw})
 
 
 # -- pure helpers --------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The vision adapter on every supported family: real transformers classes and processors
 (tiny, random), composite students, privileged images, alignment with generate."""
+from functools import partial
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -17,6 +19,7 @@ from mmdistill.tasks.scenes import make_samples
 from mmdistill.adapters.scoring import Views
 from mmdistill.core.views import VIEW_SPEC
 from mmdistill.models.tiny import FAMILIES, build_model, build_processor
+from tests import helpers
 
 TIMM_TOWER = {"source": "timm", "name": "vit_tiny_patch16_224", "image_size": 32,
               "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
@@ -48,8 +51,7 @@ def priv_cfg(**image):
     return OmegaConf.merge(base, {"image": image}) if image else base
 
 
-def rollout_cfg(**kw):
-    return OmegaConf.create({**dict(max_new_tokens=6, temperature=1.0, top_p=1.0, num_rollouts=1), **kw})
+rollout_cfg = partial(helpers.rollout_cfg, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 from mmdistill.data.convert.scenes import HELD_OUT_COMBOS, SuiteSizes, write_scenes_suite
 from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS, reasoning_gym_score
 from mmdistill.data.shards import iter_samples, read_manifest
+from tests.helpers import write_lines
 
 
 def read_back(out) -> list[dict]:
@@ -31,11 +32,6 @@ def shard_digests(out: Path) -> dict[str, str]:
 def png(path: Path, size: tuple[int, int], color) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
-    return path
-
-
-def write_lines(path: Path, records) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
 
 

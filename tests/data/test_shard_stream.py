@@ -10,8 +10,9 @@ import pytest
 
 from mmdistill.config import load_config
 from mmdistill.data.shard_stream import EmptySplit, ShardStream, read_all
-from mmdistill.data.shards import ShardError, ShardWriter
+from mmdistill.data.shards import ShardError
 from mmdistill.tasks.scenes import make_samples
+from tests.helpers import metrics_rows, write_shards
 
 
 def text_samples(n: int, split: str = "train") -> list[dict]:
@@ -19,16 +20,9 @@ def text_samples(n: int, split: str = "train") -> list[dict]:
              "answer": str(i), "response": f"Answer: {i}"} for i in range(n)]
 
 
-def write(out, samples, max_count):
-    with ShardWriter(out, prefix="s", max_count=max_count) as w:
-        for s in samples:
-            w.write(s)
-    return out
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write(tmp_path_factory.mktemp("shards"), text_samples(40), max_count=5)  # 8 shards
+    return write_shards(tmp_path_factory.mktemp("shards"), text_samples(40), max_count=5)  # 8 shards
 
 
 def drain(stream) -> list[str]:
@@ -125,7 +119,7 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped_and_counted(shards, tmp_pa
 
 def test_bad_sample_is_skipped_and_counted_the_rest_arrive(tmp_path):
     samples = text_samples(6)
-    write(tmp_path / "ok", samples, max_count=6)
+    write_shards(tmp_path / "ok", samples, max_count=6)
     shard = next((tmp_path / "ok").glob("s-*.tar"))
     # rewrite the shard with one record missing its prompt
     out = tmp_path / "broken"
@@ -153,7 +147,7 @@ def test_bad_sample_is_skipped_and_counted_the_rest_arrive(tmp_path):
 
 def test_image_samples_stream_decoded(tmp_path):
     samples = make_samples(6, 0, "train", image_size=32)
-    write(tmp_path, samples, max_count=2)
+    write_shards(tmp_path, samples, max_count=2)
     stream, got = ShardStream(tmp_path, 4, seed=0, epochs=1, num_workers=2), {}
     while True:
         try:
@@ -169,8 +163,8 @@ def test_train_on_shards_resumes_exactly(tmp_path):
     """A run on shards (2 workers) resumed from its step-2 checkpoint logs what the uninterrupted run logged."""
     from mmdistill.training.loop import train
 
-    write(tmp_path / "train", make_samples(24, 0, "train", image_size=32, max_objects=3), max_count=4)
-    write(tmp_path / "test", make_samples(4, 0, "test", image_size=32, max_objects=3), max_count=4)
+    write_shards(tmp_path / "train", make_samples(24, 0, "train", image_size=32, max_objects=3), max_count=4)
+    write_shards(tmp_path / "test", make_samples(4, 0, "test", image_size=32, max_objects=3), max_count=4)
     base = ["data.source=shards", f"data.train_path={tmp_path / 'train'}", f"data.test_path={tmp_path / 'test'}",
             "data.num_workers=2", "data.shuffle_buffer=8", "train.max_steps=4", "train.checkpoint_every=2",
             "eval.num_samples=0"]
@@ -179,7 +173,7 @@ def test_train_on_shards_resumes_exactly(tmp_path):
     shutil.copytree(full, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     train(load_config("tiny_vlm", [*base, f"train.output_dir={resumed}", "train.resume=auto"]))
-    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, resumed)]
+    rows = [metrics_rows(d) for d in (full, resumed)]
     for a, b in zip(rows[0][2:], rows[1][2:]):
         assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["tokens"] == b["tokens"]
         assert a["data_bad_samples"] == 0

@@ -1,4 +1,4 @@
-"""Real multi-process training on this CPU machine (accelerate launch, gloo) and a real SIGKILL.
+"""Real multi-process training on this CPU machine (accelerate launch, gloo).
 
 Two processes train a composite VLM data-parallel on shards: each rank reads its own shards,
 the replicas stay identical, and a resume from the step-2 checkpoint (every rank restoring its
@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from mmdistill.data.shards import ShardWriter
 from mmdistill.tasks.scenes import make_samples
-
-REPO = Path(__file__).resolve().parents[2]
-DETERMINISTIC = ("loss", "lr", "grad_norm", "tokens", "rollout_len")
+from tests.helpers import DETERMINISTIC, REPO, command_env, metrics_rows, wait_for_rows, write_shards
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return command_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
 
 def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config_file: str | None = None,
@@ -40,33 +35,11 @@ def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
 
 
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def assert_same_steps(full: Path, other: Path, steps: int) -> None:
-    """`other` logged steps 1..steps exactly as `full` did."""
-    a = {row["step"]: row for row in rows(full)}
-    b = {row["step"]: row for row in rows(other)}
-    assert sorted(b) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        for key in DETERMINISTIC:
-            assert a[step][key] == b[step][key], (step, key)
-
-
-def wait_for_rows(proc: subprocess.Popen, run: Path, n: int) -> None:
-    """Until the running `proc` has logged `n` steps into `run`."""
-    deadline = time.time() + 300
-    while not ((run / "metrics.jsonl").exists() and len(rows(run)) >= n):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
-        time.sleep(0.01)
-
-
 def assert_resumed_like(full: Path, resumed: Path) -> None:
     """A 4-step run resumed from its step-2 checkpoint logs steps 3-4 exactly as the run that was
     never stopped, and ends with the same weights."""
-    a = {r["step"]: r for r in rows(full)}
-    b = {r["step"]: r for r in rows(resumed)}
+    a = {r["step"]: r for r in metrics_rows(full)}
+    b = {r["step"]: r for r in metrics_rows(resumed)}
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         for key in DETERMINISTIC:
@@ -75,18 +48,11 @@ def assert_resumed_like(full: Path, resumed: Path) -> None:
         json.loads((resumed / "summary.json").read_text())["replica_checksums"]
 
 
-def write(out: Path, samples: list[dict]) -> Path:
-    with ShardWriter(out, prefix="s", max_count=4) as w:
-        for s in samples:
-            w.write(s)
-    return out
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    train = write(root / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
-    test = write(root / "test", make_samples(4, 0, "test", image_size=32, max_objects=3))
+    train = write_shards(root / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
+    test = write_shards(root / "test", make_samples(4, 0, "test", image_size=32, max_objects=3))
     base = ["data.source=shards", f"data.train_path={train}", f"data.test_path={test}", "train.max_steps=4",
             "train.checkpoint_every=2", "train.sample_every=1", "eval.num_samples=2"]
     full = root / "full"
@@ -130,7 +96,7 @@ def test_two_ranks_share_a_grad_prefix_and_sync_it(tmp_path):
         assert r.returncode == 0, r.stderr[-4000:]
     a, b = json.loads((runs["shared"] / "summary.json").read_text())["replica_checksums"]
     assert a == b
-    shared, alone = rows(runs["shared"]), rows(runs["alone"])
+    shared, alone = metrics_rows(runs["shared"]), metrics_rows(runs["alone"])
     assert all(row["time_view_student_prefix"] > 0 for row in shared)
     for x, y in zip(shared, alone):
         assert x["grad_norm"] > 0
@@ -141,64 +107,6 @@ def test_two_rank_resume_matches_the_uninterrupted_run(ddp):
     full, resumed, r2 = ddp
     assert "resumed from" in r2.stdout + r2.stderr
     assert_resumed_like(full, resumed)
-
-
-def test_sigkill_mid_training_then_resume_gives_the_same_losses(tmp_path):
-    """A run killed with SIGKILL (no chance to clean up) resumes from its newest complete
-    checkpoint, ignores a half-written one, and logs exactly the uninterrupted run's losses."""
-    base = ["tiny", "train.max_steps=30", "train.checkpoint_every=5", "train.keep_checkpoints=10", "eval.num_samples=0",
-            "train.sample_every=0"]
-    cmd = [sys.executable, "-m", "mmdistill", "train", *base]
-    full = tmp_path / "full"
-    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, f"train.output_dir={killed}"], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step_00000010").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(p.name for p in (killed / "checkpoints").iterdir())
-    assert "step_00000030" not in done  # killed in the middle
-    half = killed / "checkpoints" / "step_00000099.tmp"  # a checkpoint a kill interrupted
-    half.mkdir()
-    (half / "student.safetensors").write_bytes(b"\0" * 10)
-
-    r = subprocess.run([*cmd, f"train.output_dir={killed}", "train.resume=auto"], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "step_00000099" not in r.stdout + r.stderr
-    assert_same_steps(full, killed, 30)
-
-
-def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
-    """SIGTERM (a scheduler's time limit, a preemption) lets the run finish its step, write its
-    checkpoint and exit with 143 and one line; the resumed run logs exactly the uninterrupted
-    run's losses, with no step lost or repeated."""
-    base = ["tiny", "train.max_steps=30", "train.keep_checkpoints=2", "eval.num_samples=0", "train.sample_every=0"]
-    cmd = [sys.executable, "-m", "mmdistill", "train", *base]
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    proc = subprocess.Popen([*cmd, f"train.output_dir={stopped}"], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_rows(proc, stopped, 3)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=300)[1]
-    assert proc.returncode == 143, err[-3000:]
-    last = rows(stopped)[-1]["step"]
-    assert 3 <= last < 30
-    assert err.strip().splitlines()[-1] == (f"mmdistill: stopped by SIGTERM after step {last}; the newest checkpoint is "
-                                            f"{stopped / 'checkpoints' / f'step_{last:08d}'} (train.resume=auto continues from it)")
-    assert not (stopped / "student").exists()
-    r = subprocess.run([*cmd, f"train.output_dir={stopped}", "train.resume=auto"], cwd=REPO, env=env(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_same_steps(full, stopped, 30)
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
@@ -226,10 +134,10 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert len(lines) == 2, r.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
-    assert [row["step"] for row in rows(run)] == [1, 2] and not (run / "student").exists()
+    assert [row["step"] for row in metrics_rows(run)] == [1, 2] and not (run / "student").exists()
     r = launch(*common, "train.resume=auto", config="tiny")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [row["step"] for row in rows(run)] == [1, 2, 3, 4]
+    assert [row["step"] for row in metrics_rows(run)] == [1, 2, 3, 4]
 
 
 def test_sigterm_to_the_launcher_stops_both_ranks_after_one_step(tmp_path):
@@ -244,7 +152,7 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_one_step(tmp_path):
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode != 0
-    last = rows(run)[-1]["step"]
+    last = metrics_rows(run)[-1]["step"]
     lines = [l for l in err.splitlines() if l.startswith(f"mmdistill: stopped by SIGTERM after step {last}; ")]
     assert len(lines) == 2, err[-3000:]
     assert sorted(p.name for p in (run / "checkpoints" / f"step_{last:08d}").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -287,7 +195,7 @@ def test_fsdp_trains_like_data_parallel(fsdp):
     ddp_run, fsdp_run, *_ = fsdp
     summary = json.loads((fsdp_run / "summary.json").read_text())
     assert summary["fsdp"] is True and summary["processes"] == 2
-    a, b = rows(ddp_run), rows(fsdp_run)
+    a, b = metrics_rows(ddp_run), metrics_rows(fsdp_run)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm"):
@@ -317,7 +225,7 @@ def test_accelerates_fsdp_config_file_runs_mmdistills_fsdp(fsdp):
     _, fsdp_run, _, from_file = fsdp
     assert json.loads((from_file / "summary.json").read_text())["fsdp"] is True
     assert OmegaConf.load(from_file / "config.yaml").train.fsdp is True
-    a, b = rows(fsdp_run), rows(from_file)
+    a, b = metrics_rows(fsdp_run), metrics_rows(from_file)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         for key in DETERMINISTIC:
@@ -350,9 +258,9 @@ def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
     for d, precision in ((out, "bf16"), (ref, "no")):
         r = launch(*common, f"train.mixed_precision={precision}", f"train.output_dir={d}", config="tiny")
         assert r.returncode == 0, r.stderr[-4000:]
-    assert rows(out)[0]["loss"] != rows(ref)[0]["loss"]  # same rollouts and weights at step 1: only the compute dtype differs
+    assert metrics_rows(out)[0]["loss"] != metrics_rows(ref)[0]["loss"]  # same rollouts and weights at step 1: only the compute dtype differs
     assert json.loads((out / "summary.json").read_text())["mixed_precision"] == "bf16"
-    assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in rows(out))
+    assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in metrics_rows(out))
     weights = load_file(str(out / "student" / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}  # FSDP keeps float32 masters; bf16 is compute only
 
@@ -406,7 +314,7 @@ def assert_like_data_parallel(ddp_run: Path, run: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["distributed"] == "DEEPSPEED" and summary["processes"] == 2
     assert len(set(summary["replica_checksums"])) == 1
-    a, b = rows(ddp_run), rows(run)
+    a, b = metrics_rows(ddp_run), metrics_rows(run)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm"):
@@ -441,8 +349,8 @@ def test_deepspeed_offload_trains_like_data_parallel_and_resumes(fsdp, offloaded
     where the unbroken run multiplied it up step by step)."""
     run, resumed = offloaded
     assert_like_data_parallel(fsdp[0], run)
-    a = {r["step"]: r for r in rows(run)}
-    b = {r["step"]: r for r in rows(resumed)}
+    a = {r["step"]: r for r in metrics_rows(run)}
+    b = {r["step"]: r for r in metrics_rows(resumed)}
     assert sorted(b) == [1, 2, 3, 4]
     assert all(a[3][key] == b[3][key] for key in DETERMINISTIC)
     for key in ("loss", "grad_norm"):
@@ -475,7 +383,7 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path):
     r = launch(*common, f"train.output_dir={resumed}", "train.resume=auto", **how)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((run / "summary.json").read_text())["mixed_precision"] == "bf16"
-    a, b = rows(run), rows(resumed)
+    a, b = metrics_rows(run), metrics_rows(resumed)
     assert all(math.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in a)
     for key in DETERMINISTIC:
         assert a[1][key] == b[1][key], key
@@ -496,7 +404,7 @@ def test_a_deepspeed_launch_mmdistill_cannot_honour_stops_with_one_line(tmp_path
 def test_a_step_cut_short_by_the_end_of_the_data_still_syncs(tmp_path):
     """data.epochs=1 leaves each rank 4 batches for steps of 3 micro-batches: step 2 has one.
     That one is the step's last, so its gradients are synced (the replicas stay identical)."""
-    train = write(tmp_path / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
+    train = write_shards(tmp_path / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
     out = tmp_path / "run"
     r = launch("data.source=shards", f"data.train_path={train}", "data.epochs=1", "train.grad_accum=3", "train.max_steps=10",
                "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0", f"train.output_dir={out}")
@@ -520,7 +428,7 @@ def test_a_sharded_teacher_scores_like_a_replicated_one(tmp_path, student_fsdp):
         r = launch(*common, f"train.fsdp_teacher={str(sharded).lower()}", f"train.output_dir={runs[sharded]}", config="tiny")
         assert r.returncode == 0, r.stderr[-4000:]
         assert json.loads((runs[sharded] / "summary.json").read_text())["fsdp_teacher"] is sharded
-    a, b = rows(runs[True]), rows(runs[False])
+    a, b = metrics_rows(runs[True]), metrics_rows(runs[False])
     assert [r["step"] for r in a] == [1, 2, 3]
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm"):
@@ -534,8 +442,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(REPO / 'tests' / 'training')!r})\n"
-        "from test_loop import nan_at\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from tests.helpers import nan_at\n"
         "from mmdistill.methods.opd import OPD\n"
         "OPD.loss = nan_at(2, rank=1)\n"
         "from mmdistill.cli import main\n"
@@ -548,4 +456,4 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert len(lines) == 2, r.stderr[-3000:]  # one from each rank
     assert sorted("this rank's: nan" in l for l in lines) == [False, True]
     assert all("step_00000001" in l for l in lines)
-    assert [row["step"] for row in rows(run)] == [1]
+    assert [row["step"] for row in metrics_rows(run)] == [1]

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from mmdistill.adapters import TextAdapter
-from mmdistill.config import REPO_ROOT, load_config
+from mmdistill.config import load_config
 from mmdistill.evaluation.evaluate import eval_splits, score_split
 from mmdistill.models.loading import load_tokenizer
-from mmdistill.data.shards import ShardWriter
+from tests.helpers import run_mmdistill, write_shards
 
 
 class ScriptedLM(torch.nn.Module):
@@ -55,9 +53,7 @@ def samples(split: str) -> list[dict]:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     for split in ("test", "ood"):
-        with ShardWriter(root / split, prefix="s", max_count=4) as w:
-            for s in samples(split):
-                w.write(s)
+        write_shards(root / split, samples(split))
     cfg = load_config("tiny", ["data.source=shards", f"data.train_path={root / 'test'}", f"data.test_path={root / 'test'}",
                                f"eval.splits={{test: {root / 'test'}, ood: {root / 'ood'}}}", "eval.batch_size=3"])
     tok = load_tokenizer(cfg.student)
@@ -95,18 +91,13 @@ def test_leaking_model_is_caught(setup):
     assert score_split(adapter, leaky, s, ev)["leakage_rate"] == 1.0
 
 
-def mmdistill(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmdistill", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
-
-
 def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path):
     cfg, _, _ = setup
     run = tmp_path / "run"
-    r = mmdistill("train", "tiny", f"train.output_dir={run}", "train.max_steps=2")
+    r = run_mmdistill("train", "tiny", f"train.output_dir={run}", "train.max_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     splits = OmegaConf.to_yaml(cfg.eval.splits).replace("\n", ", ").strip(", ")
-    r = mmdistill("eval", str(run), f"eval.splits={{{splits}}}", "eval.max_per_split=6")
+    r = run_mmdistill("eval", str(run), f"eval.splits={{{splits}}}", "eval.max_per_split=6")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((run / "eval" / "student.json").read_text())
     assert result["role"] == "student" and set(result["splits"]) == {"test", "ood"}
@@ -116,7 +107,7 @@ def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path)
     assert len(examples) == 5 and all(set(e) == {"id", "answer", "response", "correct"} for e in examples)
     assert sum(e["correct"] for e in examples) <= result["splits"]["test"]["correct"]
     for role in ("teacher_priv", "student_priv"):
-        r = mmdistill("eval", str(run), f"eval.model={role}", "eval.max_per_split=3")
+        r = run_mmdistill("eval", str(run), f"eval.model={role}", "eval.max_per_split=3")
         assert r.returncode == 0, r.stderr[-3000:]
         got = json.loads((run / "eval" / f"{role}.json").read_text())
         assert got["role"] == role
@@ -126,7 +117,7 @@ def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path)
 
 def test_two_stage_continual_run_gives_a_2x2_matrix(tmp_path):
     run = tmp_path / "cl"
-    r = mmdistill("train", "tiny_vlm", f"train.output_dir={run}", "eval.num_samples=4", "train.sample_every=1", "data.scenes.num_test=24",
+    r = run_mmdistill("train", "tiny_vlm", f"train.output_dir={run}", "eval.num_samples=4", "train.sample_every=1", "data.scenes.num_test=24",
                   "train.stages=[{name: count, steps: 2, select: {task: count}}, {name: attribute, steps: 2, select: {task: attribute}}]")
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((run / "continual.json").read_text())

@@ -3,18 +3,7 @@ import torch
 
 from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
 from mmdistill.losses.divergences import forward_kl, reverse_kl
-
-
-def brute_masked_mean(x, mask, reduction):
-    if reduction == "token":
-        vals = [x[b, n] for b in range(x.shape[0]) for n in range(x.shape[1]) if mask[b, n]]
-        return sum(vals) / len(vals) if vals else x.sum() * 0
-    per_seq = []
-    for b in range(x.shape[0]):
-        vals = [x[b, n] for n in range(x.shape[1]) if mask[b, n]]
-        if vals:
-            per_seq.append(sum(vals) / len(vals))
-    return sum(per_seq) / len(per_seq) if per_seq else x.sum() * 0
+from tests.helpers import ref_reduce
 
 
 def data(seed=0, B=3, N=5, V=11, dtype=torch.float64):
@@ -38,7 +27,7 @@ def test_chunked_equals_brute_force(reduction, chunk, fn):
     loss.backward()
     s2 = s.clone().requires_grad_(True)
     lp_t = torch.where(mask[..., None], t, torch.zeros_like(t)).log_softmax(-1)
-    ref = brute_masked_mean(fn(s2.log_softmax(-1), lp_t), mask, reduction)
+    ref = ref_reduce(fn(s2.log_softmax(-1), lp_t), mask, reduction)
     ref.backward()
     assert torch.allclose(loss, ref, atol=1e-10)
     assert torch.allclose(s1.grad, s2.grad, atol=1e-10)
@@ -117,7 +106,7 @@ def test_automatic_chunks_keep_the_graph_only_when_one_chunk_holds_everything(mo
         results[kind] = (loss.detach(), x.grad)
     x = s.clone().requires_grad_(True)
     lp_t = torch.where(mask[..., None], t, torch.zeros_like(t)).log_softmax(-1)
-    ref = brute_masked_mean(reverse_kl(x.log_softmax(-1), lp_t), mask, "seq")
+    ref = ref_reduce(reverse_kl(x.log_softmax(-1), lp_t), mask, "seq")
     ref.backward()
     for loss, grad in results.values():
         assert torch.allclose(loss, ref, atol=1e-10) and torch.allclose(grad, x.grad, atol=1e-10)
@@ -184,7 +173,7 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
     la, lb = zero(t).log_softmax(-1), zero(u).log_softmax(-1)
     lt = (la + lb).log_softmax(-1)
     ls = y.log_softmax(-1)
-    ref = brute_masked_mean(reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls), mask, "seq")
+    ref = ref_reduce(reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls), mask, "seq")
     ref.backward()
     torch.testing.assert_close(loss, ref, atol=1e-10, rtol=1e-6)  # float32 reduction weights
     torch.testing.assert_close(x.grad, y.grad, atol=1e-10, rtol=1e-6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from mmdistill.core.batch import Batch
 from mmdistill.methods.ar_opd import AROPD, anchored_residual_target, skip_mask
 from mmdistill.methods.gkd import GKD
 from mmdistill.methods.opd import OPD
+from tests import helpers
+from tests.helpers import make_logits, run_loss
 
 B, N, V = 3, 5, 7
 INF = float("inf")
@@ -23,15 +26,7 @@ MASK = torch.tensor(
 )
 
 
-def make_batch(mask=MASK, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, mask.shape, generator=g).masked_fill(~mask, 0)
-    return Batch(response_ids=ids, response_mask=mask.clone(), samples=[{}] * mask.shape[0])
-
-
-def make_logits(seed, scale=2.0, shape=(B, N, V), dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+make_batch = partial(helpers.make_batch, mask=MASK, vocab=V)
 
 
 def three(seed=0, shape=(B, N, V), dtype=torch.float32):
@@ -40,10 +35,7 @@ def three(seed=0, shape=(B, N, V), dtype=torch.float32):
 
 def run(method, zs, zf, zp, batch):
     """(loss, metrics, student grad) with raw logits as views."""
-    s = zs.clone().requires_grad_(True)
-    loss, metrics = method.loss({"student": s, "teacher_full": zf, "teacher_partial": zp}, batch)
-    loss.backward()
-    return loss, metrics, s.grad
+    return run_loss(method, {"student": zs, "teacher_full": zf, "teacher_partial": zp}, batch)
 
 
 # ---------------------------------------------------------------- brute-force reference
@@ -316,7 +308,7 @@ def test_skip_equals_a_mask_without_the_first_tokens(skip):
     trimmed = MASK.clone()
     for b in range(B):
         trimmed[b, :skip] = False
-    ref, ref_metrics, ref_grad = run(AROPD(skip=0, alpha=0.5), zs, zf, zp, make_batch(trimmed))
+    ref, ref_metrics, ref_grad = run(AROPD(skip=0, alpha=0.5), zs, zf, zp, make_batch(mask=trimmed))
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
     assert metrics == pytest.approx(ref_metrics, rel=1e-6, abs=1e-7)
@@ -343,7 +335,7 @@ def test_skip_counts_response_tokens_not_positions():
     kept = skip_mask(left, 2)
     assert kept.tolist() == [[False, False, False, False, True], [False, False, True, True, True], [False, False, False, False, False]]
     zs, zf, zp = three(11)
-    loss, _, grad = run(AROPD(skip=2, alpha=0.5, lam=1.4), zs, zf, zp, make_batch(left))
+    loss, _, grad = run(AROPD(skip=2, alpha=0.5, lam=1.4), zs, zf, zp, make_batch(mask=left))
     ref, ref_grad = ref_aropd(zs, zf, zp, left, 1.4, 5.0, 0.5, skip=2)
     torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
@@ -369,7 +361,7 @@ def test_nan_in_padded_and_skipped_teacher_rows_is_never_read():
 @pytest.mark.parametrize("chunk", [0, 2])
 def test_empty_mask_zero_loss_and_gradient(mask, chunk):
     zs, zf, zp = three(13)
-    loss, metrics, grad = run(AROPD(skip=5, chunk_size=chunk), zs, zf, zp, make_batch(mask))
+    loss, metrics, grad = run(AROPD(skip=5, chunk_size=chunk), zs, zf, zp, make_batch(mask=mask))
     assert loss.item() == 0.0
     assert torch.equal(grad, torch.zeros_like(grad))
     assert all(v == 0.0 for v in metrics.values())
@@ -391,7 +383,7 @@ def test_chunk_sizes_agree():
 @pytest.mark.parametrize("lam,clip", [(0.0, 5.0), (0.8, 5.0), (1.0, None), (1.4, None)])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_identical_views_give_zero_loss_and_gradient(alpha, lam, clip):
-    z = make_logits(15)
+    z = make_logits(15, shape=(B, N, V))
     loss, metrics, grad = run(AROPD(lam=lam, clip=clip, alpha=alpha, skip=1), z, z.clone(), z.clone(), make_batch())
     assert abs(loss.item()) < 1e-6
     torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
@@ -433,7 +425,7 @@ def test_diagnostics_equal_brute_force():
     zf = zf + zs * 0.7  # partly agreeing views: overlap strictly between 0 and 1
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     T, skip = 1.5, 1
-    _, metrics, _ = run(AROPD(lam=0.8, clip=1.0, temperature=T, skip=skip), zs, zf, zp, make_batch(mask))
+    _, metrics, _ = run(AROPD(lam=0.8, clip=1.0, temperature=T, skip=skip), zs, zf, zp, make_batch(mask=mask))
 
     def kl(a, b):
         return sum(math.exp(a[v]) * (a[v] - b[v]) for v in range(len(a)))

@@ -10,6 +10,7 @@ import torch
 from mmdistill.core.batch import Batch
 from mmdistill.losses.divergences import reverse_kl
 from mmdistill.methods.dopd import DOPD, HS, HT, LH, LL, route, shuffle_regimes, trimmed_mean
+from tests.helpers import ref_reduce
 
 B, N, V = 3, 6, 8
 MASK = torch.tensor(
@@ -69,18 +70,6 @@ def ref_topk_rkl(ls, lt, k, topk_from):
         p, q = torch.exp(ls[v]) / zp, torch.exp(lt[v]) / zq
         total = total + p * torch.log(p / q)
     return total
-
-
-def ref_reduce(per_token, mask, reduction):
-    if reduction == "token":
-        vals = [per_token[b][n] for b in range(mask.shape[0]) for n in range(mask.shape[1]) if mask[b, n]]
-        return sum(vals) / len(vals)
-    seq = []
-    for b in range(mask.shape[0]):
-        vals = [per_token[b][n] for n in range(mask.shape[1]) if mask[b, n]]
-        if vals:
-            seq.append(sum(vals) / len(vals))
-    return sum(seq) / len(seq)
 
 
 def ref_loss(zs, zp, zt, ids, mask, k, topk_from="student", weights=(1.0, 0.6, 0.3), reduction="seq", trim=0.05,

@@ -9,29 +9,11 @@ import torch
 from mmdistill.core.batch import Batch
 from mmdistill.methods.gkd import GKD
 from mmdistill.methods.opd import OPD
-
-B, N, V = 3, 4, 7
-MASK = torch.tensor(
-    [[True, True, True, True], [True, True, False, False], [True, False, False, False]]
-)
-
-
-def make_batch(on_policy=True, mask=MASK, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, mask.shape, generator=g).masked_fill(~mask, 0)
-    return Batch(ids, mask.clone(), [{}] * B, on_policy=on_policy)
-
-
-def make_logits(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, N, V, generator=g, dtype=torch.float64) * 2).to(dtype)
+from tests.helpers import MASK, B, N, make_batch, make_logits, run_loss  # the SFT/OPD/GKD case
 
 
 def run(method, zs, zt, batch, target="teacher_plain"):
-    s = zs.clone().requires_grad_(True)
-    loss, metrics = method.loss({"student": s, target: zt}, batch)
-    loss.backward()
-    return loss, metrics, s.grad
+    return run_loss(method, {"student": zs, target: zt}, batch)
 
 
 def ref_gjsd(ls, lt, beta):
@@ -73,7 +55,7 @@ def ref_loss(zs, zt, beta, mask=MASK, reduction="seq", fn=None):
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_loss_and_gradient_equal_brute_force(beta, reduction, on_policy):
     zs, zt = make_logits(1), make_logits(2)
-    loss, metrics, grad = run(GKD(beta=beta, reduction=reduction), zs, zt, make_batch(on_policy))
+    loss, metrics, grad = run(GKD(beta=beta, reduction=reduction), zs, zt, make_batch(on_policy=on_policy))
     ref, ref_grad = ref_loss(zs, zt, beta, reduction=reduction)
     torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
@@ -102,7 +84,7 @@ def test_beta_ends_are_forward_and_reverse_kl():
 
 @pytest.mark.parametrize("end,near", [(0.0, 1e-5), (1.0, 1 - 1e-5)])
 def test_continuous_at_both_ends(end, near):
-    zs, zt = make_logits(5, torch.float64), make_logits(6, torch.float64)
+    zs, zt = make_logits(5, dtype=torch.float64), make_logits(6, dtype=torch.float64)
     batch = make_batch()
     a, _, ga = run(GKD(beta=end), zs, zt, batch)
     b, _, gb = run(GKD(beta=near), zs, zt, batch)
@@ -114,8 +96,8 @@ def test_continuous_at_both_ends(end, near):
 
 def test_metrics_and_batch_kind():
     zs, zt = make_logits(7), make_logits(8)
-    _, m_on, _ = run(GKD(beta=0.3, lam=0.5), zs, zt, make_batch(True))
-    _, m_off, _ = run(GKD(beta=0.3, lam=0.5), zs, zt, make_batch(False))
+    _, m_on, _ = run(GKD(beta=0.3, lam=0.5), zs, zt, make_batch(on_policy=True))
+    _, m_off, _ = run(GKD(beta=0.3, lam=0.5), zs, zt, make_batch(on_policy=False))
     assert m_on["on_policy"] == 1.0 and m_off["on_policy"] == 0.0
     assert {k: v for k, v in m_on.items() if k != "on_policy"} == {k: v for k, v in m_off.items() if k != "on_policy"}
     assert set(m_on) == {"loss", "reverse_kl", "forward_kl", "student_entropy", "teacher_entropy", "on_policy"}

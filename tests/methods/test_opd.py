@@ -1,45 +1,12 @@
-"""SFT and OPD on hand-built batches, against float64 loop references."""
+"""OPD on hand-built batches, against float64 loop references."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mmdistill.core.batch import Batch
-from mmdistill.methods.registry import METHODS, build_method
 from mmdistill.methods.opd import OPD
-from mmdistill.methods.sft import SFT
-
-B, N, V = 3, 4, 7
-PAD = 0
-MASK = torch.tensor(
-    [[True, True, True, True], [True, True, False, False], [True, False, False, False]]
-)
-
-
-def make_batch(seed=0, mask=MASK, on_policy=True):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, V, (B, N), generator=g).masked_fill(~mask, PAD)
-    return Batch(response_ids=ids, response_mask=mask.clone(), samples=[{}] * B, on_policy=on_policy)
-
-
-def make_logits(seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, V, generator=g) * scale
-
-
-def ref_seq_mean(per_token, mask):
-    """Mean over each sequence's tokens, then over sequences with a token (explicit loops)."""
-    seq_means = []
-    for b in range(len(per_token)):
-        vals = [per_token[b][n] for n in range(len(per_token[b])) if mask[b, n]]
-        if vals:
-            seq_means.append(sum(vals) / len(vals))
-    return sum(seq_means) / len(seq_means)
-
-
-def ref_token_mean(per_token, mask):
-    vals = [per_token[b][n] for b in range(len(per_token)) for n in range(len(per_token[b])) if mask[b, n]]
-    return sum(vals) / len(vals)
+from tests.helpers import MASK, B, N, V, make_batch, make_logits, ref_reduce  # the SFT/OPD/GKD case
 
 
 def ref_kl_rows(lp_p, lp_q, ids_per_pos=None):
@@ -71,57 +38,13 @@ def views_for(zs, zt, target="teacher_plain"):
     return s, t, {"student": torch.log_softmax(s, -1), target: torch.log_softmax(t, -1)}
 
 
-# ---------------------------------------------------------------- SFT
-
-
-@pytest.mark.parametrize("reduction", ["seq", "token"])
-def test_sft_equals_reference_nll(reduction):
-    batch = make_batch(1)
-    zs = make_logits(1)
-    s = zs.clone().requires_grad_()
-    method = SFT(reduction=reduction)
-    loss, metrics = method.loss({"student": torch.log_softmax(s, -1)}, batch)
-    loss.backward()
-
-    s64 = zs.double().requires_grad_()
-    lp = torch.log_softmax(s64, -1)
-    nll = [[-lp[b, n, batch.response_ids[b, n]] for n in range(N)] for b in range(B)]
-    reduce = ref_seq_mean if reduction == "seq" else ref_token_mean
-    ref = reduce(nll, MASK)
-    ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach())
-    torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
-    assert metrics["loss"] == pytest.approx(ref.item(), rel=1e-5)
-    assert metrics["nll"] == pytest.approx(ref.item(), rel=1e-5)
-    ent = [[-(lp[b, n].exp() * lp[b, n]).sum() for n in range(N)] for b in range(B)]
-    assert metrics["student_entropy"] == pytest.approx(reduce(ent, MASK).item(), rel=1e-5)
-    assert all(isinstance(v, float) for v in metrics.values())
-
-
-def test_sft_protocol_fields_and_padding_ids_outside_vocab():
-    method = SFT()
-    assert (method.name, method.views, method.on_policy) == ("sft", ("student",), False)
-    batch = make_batch(2)
-    zs = make_logits(2)
-    loss, _ = method.loss({"student": torch.log_softmax(zs, -1)}, batch)
-    weird = Batch(batch.response_ids.masked_fill(~MASK, -100), MASK.clone(), [{}] * B)
-    loss2, _ = method.loss({"student": torch.log_softmax(zs, -1)}, weird)
-    torch.testing.assert_close(loss, loss2)
-
-
-def test_sft_rejects_misaligned_views():
-    batch = make_batch(0)
-    with pytest.raises(ValueError):
-        SFT().loss({"student": torch.zeros(B, N + 1, V)}, batch)
-
-
 # ---------------------------------------------------------------- OPD values
 
 
 @pytest.mark.parametrize("reduction", ["seq", "token"])
 @pytest.mark.parametrize("estimator,k", [("full", None), ("topk", 3), ("topk", 1), ("topk", V)])
 def test_opd_full_and_topk_equal_reverse_kl_reference(estimator, k, reduction):
-    batch = make_batch(3)
+    batch = make_batch(seed=3)
     zs, zt = make_logits(3), make_logits(4)
     method = OPD(estimator=estimator, topk=k or 2, reduction=reduction)  # "full" must ignore topk
     s, t, views = views_for(zs, zt)
@@ -131,13 +54,12 @@ def test_opd_full_and_topk_equal_reverse_kl_reference(estimator, k, reduction):
     s64 = zs.double().requires_grad_()
     ls, lt = torch.log_softmax(s64, -1), torch.log_softmax(zt.double(), -1)
     ids = None if estimator == "full" else topk_ids(ls, k)
-    reduce = ref_seq_mean if reduction == "seq" else ref_token_mean
-    ref = reduce(ref_kl_rows(ls, lt, ids), MASK)
+    ref = ref_reduce(ref_kl_rows(ls, lt, ids), MASK, reduction)
     ref.backward()
     torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(s.grad.double(), s64.grad, atol=1e-6, rtol=1e-5)
     assert t.grad is None
-    full_ref = reduce(ref_kl_rows(ls, lt), MASK).item()
+    full_ref = ref_reduce(ref_kl_rows(ls, lt), MASK, reduction).item()
     assert metrics["reverse_kl"] == pytest.approx(full_ref, rel=1e-5)
     assert metrics["loss"] == pytest.approx(ref.item(), rel=1e-5, abs=1e-7)
     if k == 1:
@@ -145,30 +67,30 @@ def test_opd_full_and_topk_equal_reverse_kl_reference(estimator, k, reduction):
 
 
 def test_opd_topk_index_from_teacher():
-    batch = make_batch(5)
+    batch = make_batch(seed=5)
     zs, zt = make_logits(5), make_logits(6)
     views = {"student": torch.log_softmax(zs, -1), "teacher_plain": torch.log_softmax(zt, -1)}
     a, _ = OPD(estimator="topk", topk=3, topk_from="teacher").loss(views, batch)
     b, _ = OPD(estimator="topk", topk=3).loss(views, batch)
     ls, lt = (x.double() for x in views.values())
-    ref = ref_seq_mean(ref_kl_rows(ls, lt, topk_ids(lt, 3)), MASK)
+    ref = ref_reduce(ref_kl_rows(ls, lt, topk_ids(lt, 3)), MASK, "seq")
     torch.testing.assert_close(a.double(), ref, atol=1e-6, rtol=1e-5)
     assert abs(a.item() - b.item()) > 1e-3
 
 
 def test_opd_metrics_entropies_and_sampled_kl():
-    batch = make_batch(7)
+    batch = make_batch(seed=7)
     zs, zt = make_logits(7), make_logits(8, scale=0.5)
     _, _, views = views_for(zs, zt)
     _, metrics = OPD(estimator="full").loss(views, batch)
     ls, lt = (x.detach().double() for x in views.values())
     ent = lambda lp: [[-(lp[b, n].exp() * lp[b, n]).sum() for n in range(N)] for b in range(B)]
-    assert metrics["student_entropy"] == pytest.approx(ref_seq_mean(ent(ls), MASK).item(), rel=1e-5)
-    assert metrics["teacher_entropy"] == pytest.approx(ref_seq_mean(ent(lt), MASK).item(), rel=1e-5)
+    assert metrics["student_entropy"] == pytest.approx(ref_reduce(ent(ls), MASK, "seq").item(), rel=1e-5)
+    assert metrics["teacher_entropy"] == pytest.approx(ref_reduce(ent(lt), MASK, "seq").item(), rel=1e-5)
     assert metrics["teacher_entropy"] > metrics["student_entropy"]  # flatter teacher logits
     ids = batch.response_ids
     est = [[ls[b, n, ids[b, n]] - lt[b, n, ids[b, n]] for n in range(N)] for b in range(B)]
-    assert metrics["sampled_reverse_kl"] == pytest.approx(ref_seq_mean(est, MASK).item(), rel=1e-5)
+    assert metrics["sampled_reverse_kl"] == pytest.approx(ref_reduce(est, MASK, "seq").item(), rel=1e-5)
     assert set(metrics) >= {"loss", "reverse_kl", "student_entropy", "teacher_entropy"}
     assert all(isinstance(v, float) for v in metrics.values())
 
@@ -178,7 +100,7 @@ def test_opd_metrics_entropies_and_sampled_kl():
 
 @pytest.mark.parametrize("reduction", ["seq", "token"])
 def test_opd_sampled_gradient_is_brute_force_policy_gradient(reduction):
-    batch = make_batch(9)
+    batch = make_batch(seed=9)
     zs, zt = make_logits(9), make_logits(10)
     s, t, views = views_for(zs, zt)
     loss, _ = OPD(estimator="sampled", reduction=reduction).loss(views, batch)
@@ -226,7 +148,7 @@ def test_opd_sampled_gradient_expectation_is_full_reverse_kl_gradient():
 
 @pytest.mark.parametrize("estimator", ["sampled", "topk", "full"])
 def test_opd_teacher_equal_student_gives_zero_loss_and_gradient(estimator):
-    batch = make_batch(13)
+    batch = make_batch(seed=13)
     zs = make_logits(13)
     s = zs.clone().requires_grad_()
     lp = torch.log_softmax(s, -1)
@@ -240,7 +162,7 @@ def test_opd_teacher_equal_student_gives_zero_loss_and_gradient(estimator):
 @pytest.mark.parametrize("estimator", ["sampled", "topk", "full"])
 @pytest.mark.parametrize("target", ["teacher_plain", "teacher_full", "teacher_partial"])
 def test_opd_target_never_receives_gradient(estimator, target):
-    batch = make_batch(14)
+    batch = make_batch(seed=14)
     zs, zt = make_logits(14), make_logits(15)
     s, t, views = views_for(zs, zt, target)
     method = OPD(estimator=estimator, target=target, topk=3)
@@ -253,7 +175,7 @@ def test_opd_target_never_receives_gradient(estimator, target):
 
 def test_opd_ignores_garbage_in_padding():
     """A target view may fill padded rows with -inf or NaN: neither may reach loss or gradient."""
-    batch = make_batch(16)
+    batch = make_batch(seed=16)
     zs, zt = make_logits(16), make_logits(17)
     for estimator in ("sampled", "topk", "full"):
         method = OPD(estimator=estimator, topk=3)
@@ -275,7 +197,7 @@ def test_opd_ignores_garbage_in_padding():
 
 def test_opd_empty_mask_zero_loss():
     mask = torch.zeros(B, N, dtype=torch.bool)
-    batch = make_batch(18, mask=mask)
+    batch = make_batch(seed=18, mask=mask)
     for estimator in ("sampled", "topk", "full"):
         s, _, views = views_for(make_logits(18), make_logits(19))
         loss, metrics = OPD(estimator=estimator).loss(views, batch)
@@ -285,7 +207,7 @@ def test_opd_empty_mask_zero_loss():
         assert all(v == v for v in metrics.values())  # no NaN
 
 
-# ---------------------------------------------------------------- validation, registry
+# ---------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize(
@@ -308,20 +230,3 @@ def test_opd_validates_options(kwargs, key):
 def test_opd_error_lists_allowed_values():
     with pytest.raises(ValueError, match="sampled.*topk.*full"):
         OPD(estimator="exact")
-
-
-def test_sft_validates_reduction():
-    with pytest.raises(ValueError, match="reduction"):
-        SFT(reduction="mean")
-
-
-def test_registry_builds_methods_with_options():
-    assert isinstance(build_method("sft"), SFT)
-    m = build_method("opd", estimator="topk", topk=16, target="teacher_full")
-    assert isinstance(m, OPD) and m.topk == 16 and m.views == ("student", "teacher_full")
-    assert isinstance(METHODS, dict) and {"sft", "opd"} <= set(METHODS)
-
-
-def test_registry_unknown_name_lists_allowed():
-    with pytest.raises(ValueError, match="opd.*sft|sft.*opd"):
-        build_method("gkd-typo")

@@ -6,21 +6,14 @@ import copy
 import pytest
 import torch
 
-from mmdistill.config import load_config
-from mmdistill.models.loading import load_model, load_tokenizer
+from mmdistill.models.loading import load_model
 from mmdistill.models.teachers import Teacher, frozen_copy
 
 EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
-def cfg():
-    return load_config("tiny")
-
-
-@pytest.fixture(scope="module")
-def base_student(cfg):
-    tok = load_tokenizer(cfg.student)
+def base_student(cfg, tok):
     return load_model(cfg.student, tok, seed=0), tok
 
 

@@ -1,16 +1,11 @@
-"""Smoke tests for the tiny native-VLM test families in ``tests/vlm_families.py``."""
+"""Smoke tests for the tiny native-VLM test families in ``mmdistill/models/tiny.py``."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import mmdistill.models.tiny as vf  # noqa: E402
+import mmdistill.models.tiny as vf
 
 PROMPTS = ("Hi", "What is shown in these pictures? Please answer in a few words.")
 # sample 0: one 48x32 image; sample 1: two images (64x64 and 32x32) -> different sizes,

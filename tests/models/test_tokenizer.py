@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,8 @@ from transformers import AutoTokenizer
 
 from mmdistill.tasks.arith import make_samples
 from mmdistill.models.tokenizer import CHAT_TEMPLATE, ENGLISH_SENTENCES, build_tokenizer
+from tests.helpers import REPO, command_env
 
-REPO = Path(__file__).resolve().parents[2]
 ASSET = REPO / "assets" / "tokenizer"
 ALL_OPS = ("+", "-", "*")
 
@@ -44,7 +43,7 @@ def test_build_is_deterministic_across_processes(built, tmp_path):
     code = "import sys; from mmdistill.models.tokenizer import build_tokenizer; build_tokenizer(sys.argv[1])"
     other = tmp_path / "again"
     r = subprocess.run([sys.executable, "-c", code, str(other)], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "12345"})
+                       text=True, timeout=120, env=command_env(PYTHONHASHSEED="12345"))
     assert r.returncode == 0, r.stderr
     assert (other / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
 

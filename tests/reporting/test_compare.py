@@ -1,5 +1,5 @@
-"""`mmdistill.report`: one eval result, continual-learning metrics and heatmap, and the
-side-by-side `mmdistill report` over hand-written run directories."""
+"""`mmdistill report`: runs side by side over hand-written run directories (references, gap
+recovered, seeds, continual learning)."""
 from __future__ import annotations
 
 import json
@@ -7,160 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from mmdistill.cli import main
 from mmdistill.reporting.compare import gap_recovered, report_markdown, seed_stem
-from mmdistill.reporting.continual import continual_heatmap, continual_markdown, continual_metrics, write_continual
-from mmdistill.reporting.tables import ReportError, eval_markdown, read_eval, split_order, write_eval
+from tests.helpers import table_header, table_row
 
-RESULT = {
-    "label": "student", "role": "student", "run_dir": "runs/x", "method": "dopd", "step": 300,
-    "splits": {
-        "test": {"n": 200, "correct": 150, "accuracy": 0.75, "ci95": [0.69, 0.80], "pass_at_k": {"1": 0.75, "4": 0.9},
-                 "mean_response_tokens": 21.3, "by_length": [{"bucket": "0-31", "n": 180, "accuracy": 0.8},
-                                                              {"bucket": "32-63", "n": 20, "accuracy": 0.3}],
-                 "distinct_rate": 0.985, "leakage_rate": 0.01, "shortcut_rate": 0.02},
-        "ood_objects": {"n": 100, "correct": 40, "accuracy": 0.4, "ci95": [0.31, 0.5], "pass_at_k": {"1": 0.4, "16": 0.7},
-                        "mean_response_tokens": 30.0, "by_length": [], "leakage_rate": None, "shortcut_rate": 0.0},
-    },
-    "settings": {"checker": "scenes", "extraction": "tag", "temperature": 0.0, "samples": 1},
-}
-
+# continual.json's matrices: the 2x2 case of test_continual.py
 R2 = [[0.8, 0.1], [0.6, 0.9]]
 B2 = [0.2, 0.05]
-R3 = [[0.9, 0.2, 0.1], [0.95, 0.8, 0.3], [0.6, 0.5, 0.95]]
-B3 = [0.1, 0.1, 0.2]
-
-
-def table_row(text: str, first_cell: str) -> list[str]:
-    """The cells of the Markdown row whose first cell is `first_cell`."""
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r} in:\n{text}")
-
-
-def table_header(text: str) -> list[str]:
-    return [c.strip() for c in next(l for l in text.splitlines() if l.startswith("|")).strip().strip("|").split("|")]
-
-
-# ---------------------------------------------------------------------------------------------
-# One eval result
-
-
-def test_eval_markdown_has_every_number():
-    md = eval_markdown(RESULT)
-    assert table_header(md) == ["split", "n", "accuracy % [95% CI]", "pass@1 %", "pass@4 %", "pass@16 %",
-                                "mean tokens", "distinct %", "leakage %", "shortcut %"]
-    assert table_row(md, "test") == ["test", "200", "75.0 [69.0, 80.0]", "75.0", "90.0", "-", "21.3", "98.5", "1.0", "2.0"]
-    assert table_row(md, "ood_objects") == ["ood_objects", "100", "40.0 [31.0, 50.0]", "40.0", "-", "70.0", "30.0",
-                                            "-", "-", "0.0"]  # results written before distinct_rate existed
-    assert md.index("| test") < md.index("| ood_objects")  # test first
-    assert "checker=scenes" in md and "step 300" in md
-    lengths = md[md.index("by response length"):]
-    assert table_row(lengths, "test")[1:] == ["0-31", "180", "80.0"]
-    assert "32-63" in lengths and "30.0" in lengths
-
-
-def test_write_eval_writes_json_and_markdown_atomically(tmp_path):
-    out = tmp_path / "run" / "eval"
-    json_path, md_path = write_eval(RESULT, out)
-    assert (json_path, md_path) == (out / "student.json", out / "student.md")
-    assert json.loads(json_path.read_text()) == RESULT
-    assert md_path.read_text() == eval_markdown(RESULT)
-    assert sorted(p.name for p in out.iterdir()) == ["student.json", "student.md"]  # no temporaries left
-    assert read_eval(json_path)["splits"]["test"]["accuracy"] == 0.75
-
-
-@pytest.mark.parametrize("label", ["", "../x", "a/b", None])
-def test_write_eval_refuses_a_label_that_cannot_name_a_file(tmp_path, label):
-    with pytest.raises(ReportError, match="label"):
-        write_eval({**RESULT, "label": label}, tmp_path)
-    assert not list(tmp_path.iterdir())
-
-
-def test_split_order_puts_test_first():
-    assert split_order(["ood_b", "test", "ood_a"]) == ["test", "ood_a", "ood_b"]
-    assert split_order(["b", "a"]) == ["a", "b"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Continual learning
-
-
-def test_continual_metrics_2x2_by_hand():
-    m = continual_metrics(R2, B2)
-    assert m["T"] == 2
-    assert m["ACC"] == pytest.approx((0.6 + 0.9) / 2)
-    assert m["BWT"] == pytest.approx(0.6 - 0.8)
-    assert m["FWT"] == pytest.approx(0.1 - 0.05)
-    assert m["forgetting"][0] == pytest.approx(0.2) and m["forgetting"][1] is None
-
-
-def test_continual_metrics_3x3_by_hand():
-    m = continual_metrics(R3, B3)
-    assert m["ACC"] == pytest.approx((0.6 + 0.5 + 0.95) / 3)
-    assert m["BWT"] == pytest.approx(((0.6 - 0.9) + (0.5 - 0.8)) / 2)  # against the diagonal
-    assert m["FWT"] == pytest.approx(((0.2 - 0.1) + (0.3 - 0.2)) / 2)
-    # forgetting uses the best earlier accuracy (0.95 after stage 1), not the diagonal
-    assert m["forgetting"][:2] == pytest.approx([0.95 - 0.6, 0.8 - 0.5]) and m["forgetting"][2] is None
-    assert m["mean_forgetting"] == pytest.approx((0.35 + 0.3) / 2)
-
-
-def test_continual_metrics_single_stage_has_no_transfer():
-    m = continual_metrics([[0.7]], [0.1])
-    assert m["ACC"] == pytest.approx(0.7) and m["BWT"] is None and m["FWT"] is None
-
-
-@pytest.mark.parametrize("R, baseline, match", [
-    ([[0.1, 0.2]], [0.1], "1 x 1"),
-    ([[0.1, 0.2], [0.3]], [0.1, 0.2], r"2 x 2.*row 1 has 1"),
-    (R2, [0.1], "baseline must have one accuracy per stage \\(2\\), got 1"),
-    ([], [], "non-empty"),
-    ([[0.5, 75.0], [0.5, 0.5]], B2, r"R\[0\]\[1\] = 75.0.*\[0, 1\]"),
-    (R2, [0.1, float("nan")], r"baseline\[1\]"),
-])
-def test_continual_metrics_rejects_bad_shapes(R, baseline, match):
-    with pytest.raises(ReportError, match=match):
-        continual_metrics(R, baseline)
-
-
-def test_continual_markdown_matrix_and_metrics():
-    md = continual_markdown({"stages": ["count", "attribute", "spatial"], "R": R3, "baseline": B3})
-    assert table_header(md) == ["after \\ test on", "count", "attribute", "spatial"]
-    assert table_row(md, "after attribute") == ["after attribute", "95.0", "80.0", "30.0"]
-    assert table_row(md, "before training") == ["before training", "10.0", "10.0", "20.0"]
-    assert table_row(md, "forgetting") == ["forgetting", "+35.0", "+30.0", "-"]
-    assert table_row(md, "ACC (final mean accuracy) %")[1] == "68.3"
-    assert table_row(md, "BWT (backward transfer) pp")[1] == "-30.0"
-    assert table_row(md, "FWT (forward transfer) pp")[1] == "+10.0"
-
-
-def test_continual_stage_names_must_match_the_matrix():
-    with pytest.raises(ReportError, match="'stages' must name the 2 stages"):
-        continual_markdown({"stages": ["a"], "R": R2, "baseline": B2})
-
-
-def test_continual_heatmap_is_a_png(tmp_path):
-    out = continual_heatmap({"stages": ["count", "attribute", "spatial"], "R": R3, "baseline": B3}, tmp_path / "h.png")
-    with Image.open(out) as im:
-        assert im.format == "PNG"
-        assert min(im.size) >= 200
-
-
-def test_write_continual_next_to_the_json(tmp_path):
-    data = {"stages": ["a", "b"], "R": R2, "baseline": B2}
-    md, png = write_continual(data, tmp_path)
-    assert (md, png) == (tmp_path / "continual.md", tmp_path / "continual.png")
-    assert "+5.0" in md.read_text()
-    with Image.open(png) as im:
-        im.verify()
-
-
-# ---------------------------------------------------------------------------------------------
-# mmdistill report
 
 
 def eval_file(run_dir: Path, label: str, accs: dict[str, float], method: str = "dopd", role: str | None = None,

@@ -12,7 +12,7 @@ from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, sav
 from mmdistill.config import load_config
 from mmdistill.data.sources import load_split
 from mmdistill.data.stream import SampleStream
-from mmdistill.models.loading import load_model, load_tokenizer
+from mmdistill.models.loading import load_model
 from mmdistill.models.teachers import Teacher
 
 # Untied embeddings: see test_ema_teacher_with_tied_embeddings_saves for the tied case.
@@ -21,12 +21,8 @@ UNTIED = ["student.arch.tie_word_embeddings=false", "data.arith.num_train=40"]
 
 @pytest.fixture(scope="module")
 def cfg():
+    """Overrides conftest's `cfg` (and so the `tok` built from it)."""
     return load_config("tiny", UNTIED)
-
-
-@pytest.fixture(scope="module")
-def tok(cfg):
-    return load_tokenizer(cfg.student)
 
 
 class Run:

@@ -1,10 +1,7 @@
 import json
 
 from mmdistill.training.logs import MetricsLogger
-
-
-def rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.helpers import metrics_rows
 
 
 def test_fresh_run_starts_a_new_file(tmp_path):
@@ -12,7 +9,7 @@ def test_fresh_run_starts_a_new_file(tmp_path):
     log = MetricsLogger(tmp_path, 0)
     log.log(1, {"loss": 1.0})
     log.close()
-    assert rows(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+    assert metrics_rows(tmp_path) == [{"step": 1, "loss": 1.0}]
 
 
 def test_resume_drops_rows_after_the_checkpoint(tmp_path):
@@ -21,5 +18,5 @@ def test_resume_drops_rows_after_the_checkpoint(tmp_path):
     log = MetricsLogger(tmp_path, 2)
     log.log(3, {"loss": 30.0})
     log.close()
-    assert rows(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+    assert metrics_rows(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,5 +1,4 @@
 """The loop's own promises, run in-process on tiny configs."""
-import json
 import math
 
 import torch
@@ -7,13 +6,13 @@ from safetensors.torch import load_file
 
 from mmdistill.config import load_config
 from mmdistill.training.loop import train
+from tests.helpers import metrics_rows, nan_at
 
 
 def run(tmp_path, name, *overrides):
     cfg = load_config("tiny", [f"train.output_dir={tmp_path / name}", "eval.num_samples=0", *overrides])
     run_dir = train(cfg)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return load_file(str(run_dir / "student" / "model.safetensors")), rows
+    return load_file(str(run_dir / "student" / "model.safetensors")), metrics_rows(run_dir)
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
@@ -86,23 +85,6 @@ def test_sharing_the_prompt_prefix_trains_like_scoring_each_view_alone(tmp_path)
             assert torch.allclose(shared[k], alone[k], atol=1e-4), (method, k)
 
 
-def nan_at(step: int, rank: int | None = None):
-    """OPD's loss, made NaN on its `step`-th call (on one rank only, when given): a diverged step."""
-    import os
-
-    from mmdistill.methods.opd import OPD
-
-    real, calls = OPD.loss, []
-
-    def loss(self, views, batch):
-        value, metrics = real(self, views, batch)
-        calls.append(1)
-        if len(calls) == step and (rank is None or int(os.environ.get("RANK", "0")) == rank):
-            value = value * float("nan")
-        return value, metrics
-    return loss
-
-
 def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(tmp_path, monkeypatch, capsys):
     """A NaN loss at step 3 stops the run with one line naming the step and the newest
     checkpoint (step 2), which is intact; nothing of step 3 is written (no row, checkpoint or
@@ -118,7 +100,7 @@ def test_a_non_finite_loss_stops_the_run_before_its_step_is_applied(tmp_path, mo
     assert code == 1
     assert err[-1].startswith("mmdistill: step 3: the loss is not finite on rank(s) [0] (this rank's: nan); "
                               "the step was not applied; the newest checkpoint is ") and "step_00000002" in err[-1]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert not (out / "student").exists() and not (out / "checkpoints" / "step_00000003").exists()
     weights = load_file(str(out / "checkpoints" / "step_00000002" / "student.safetensors"))
