@@ -19,6 +19,8 @@ import pytest
 from mmdistill.tasks.scenes import make_samples
 from tests.helpers import DETERMINISTIC, REPO, command_env, metrics_rows, wait_for_rows, write_shards
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 def env() -> dict:
     return command_env(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

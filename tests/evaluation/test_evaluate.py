@@ -91,6 +91,7 @@ def test_leaking_model_is_caught(setup):
     assert score_split(adapter, leaky, s, ev)["leakage_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path):
     cfg, _, _ = setup
     run = tmp_path / "run"
@@ -115,6 +116,7 @@ def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path)
     assert got["model_path"] == str(run / "student")
 
 
+@pytest.mark.slow
 def test_two_stage_continual_run_gives_a_2x2_matrix(tmp_path):
     run = tmp_path / "cl"
     r = run_mmdistill("train", "tiny_vlm", f"train.output_dir={run}", "eval.num_samples=4", "train.sample_every=1", "data.scenes.num_test=24",

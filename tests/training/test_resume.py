@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import DETERMINISTIC, REPO, command_env, metrics_rows, run_mmdistill, wait_for_rows
 
+pytestmark = pytest.mark.slow  # every test trains in a subprocess; the module fixture alone takes ~10 s
+
 BASE = ["tiny", "train.max_steps=4", "train.checkpoint_every=2", "eval.num_samples=0"]
 
 
