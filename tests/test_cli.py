@@ -1,25 +1,18 @@
 """`mmdistill` command line: help, --print-config, config errors reported before any model loads."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from mmdistill.config import DEFAULT_CONFIG, load_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, command_env, run_mmdistill
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "100"}
-    return subprocess.run(
-        [sys.executable, "-m", "mmdistill", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_mmdistill(*args, timeout=timeout, COLUMNS="100")
 
 
 def test_help_lists_every_command_one_line_each():
@@ -76,8 +69,7 @@ def test_config_error_is_reported_before_heavy_imports(tmp_path):
         "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.training.loop') if m in sys.modules)\n"
         "print(rc, heavy)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "2 []"
     assert r.stderr.strip().count("\n") == 0 and "'teacher.mode'" in r.stderr

@@ -1,7 +1,6 @@
 """`mmdistill train` as a user runs it: a subprocess on a tiny config, then its outputs."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -12,12 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmdistill.config import REPO_ROOT, load_config
 from mmdistill.models.loading import load_model, load_tokenizer
+from tests.helpers import command_env, metrics_rows
 
 
 def mmdistill(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("mmdistill")
     cmd = [exe] if exe else [sys.executable, "-m", "mmdistill"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = command_env()
     env.pop("DS_ACCELERATOR", None)  # as a user runs it (in-process training in this suite sets it)
     return subprocess.run([*cmd, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -30,7 +30,7 @@ def test_train_end_to_end(tmp_path, method):
     if not torch.cuda.is_available():
         assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # deepspeed's probe; no DeepSpeed here
 
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0
@@ -62,7 +62,7 @@ def test_train_tiny_composite_vlm_with_image_annotations(tmp_path):
     run = tmp_path / "run"
     proc = mmdistill("train", "tiny_vlm", f"train.output_dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0
