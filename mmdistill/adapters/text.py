@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from mmdistill.core.batch import Batch
+from mmdistill.models.decoding import Decoder
 from mmdistill.models.weights import synced_generation
 
 
@@ -158,6 +159,7 @@ class TextAdapter:
         self.pad_id = self.tok.pad_token_id
         self.eos_ids = sorted({self.tok.eos_token_id})
         self.never_sample: list[int] = []  # ids a response must not hold (a VLM's image tokens)
+        self.decoder = Decoder()
         for proc in {id(p): p for p in self.procs.values()}.values():
             check_template(proc)
 
@@ -259,7 +261,8 @@ class TextAdapter:
     @torch.no_grad()
     def rollout(self, model: torch.nn.Module, samples: list[dict], cfg: Any, level: str | None = None,
                 policy: str = "student") -> Batch:
-        """Sample from the student WITHOUT privileged information (KV-cached `generate`).
+        """Sample from the student WITHOUT privileged information (KV-cached `generate`; compiled
+        over a static cache where rollout.fast allows, models/decoding.py).
 
         `level`/`policy` sample another view instead (evaluation's privileged-teacher row)."""
         samples = self.prepare([s for s in samples for _ in range(cfg.num_rollouts)])
@@ -282,8 +285,8 @@ class TextAdapter:
         model.eval()
         try:
             synced = {"synced_gpus": True} if synced_generation(model) else {}
-            out = model.generate(input_ids=prompts.ids, attention_mask=prompts.attn, **model_inputs(model, prompts.extras),
-                                 generation_config=gen, **synced)
+            out = self.decoder.generate(model, getattr(cfg, "fast", "auto"), prompts.ids, prompts.attn, gen,
+                                        **model_inputs(model, prompts.extras), **synced)
         finally:
             model.train(was_training)
         resp = out[:, prompts.ids.shape[1]:]

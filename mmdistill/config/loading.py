@@ -115,6 +115,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_one_line(exc)) from None
     if cfg.train.mixed_precision == "False":  # YAML reads a bare `no` (accelerate's own word) as false
         cfg.train.mixed_precision = "no"
+    cfg.rollout.fast = {"True": "on", "False": "off"}.get(cfg.rollout.fast, cfg.rollout.fast)  # and on/off as booleans
     validate(cfg)
     return cfg
 

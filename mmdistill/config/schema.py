@@ -121,6 +121,9 @@ class RolloutConfig:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     num_rollouts: int = 1  # rollouts per prompt
+    # Static KV cache + compiled decoding (CUDA graphs on a GPU). auto: on CUDA where the model
+    # supports it; on: on CPU too; off: eager. Evaluation generates the same way. docs/usage.md
+    fast: str = "auto"
 
 
 @dataclass
@@ -224,7 +227,10 @@ class TrainConfig:
     resume: str = "none"  # none | auto | a checkpoint directory
     max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
     progress: bool = True
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag
+    # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag, else
+    # bf16 on a GPU that has it (not under DeepSpeed), else no
+    mixed_precision: Optional[str] = None
+    tf32: bool = True  # TensorFloat-32 float32 matmuls on CUDA (torch.set_float32_matmul_precision("high"))
     gradient_checkpointing: bool = False  # recompute the student's activations in backward
     fsdp: bool = False  # shard the student across the processes (torch FSDP2); HF models; see docs/distributed.md
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (ZeRO-2 style)

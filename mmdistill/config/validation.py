@@ -14,6 +14,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("arith", "chain", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "rollout.fast": ("auto", "on", "off"),
     "eval.model": ("student", "student_init", "teacher", "student_priv", "student_init_priv", "teacher_priv"),
     "eval.extraction": ("tag", "last_number", "regex", "boxed"),
     "student.vision.tower.source": ("timm", "open_clip"),
@@ -26,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
 
-NULLABLE = {"train.mixed_precision"}  # null: left to accelerate (its config file or launcher flag)
+NULLABLE = {"train.mixed_precision"}  # null: accelerate's config file or launcher flag, else bf16 on a GPU (launch.py)
 
 # key -> (lowest, highest, whether the lowest is allowed)
 RANGES: dict[str, tuple[float, float, bool]] = {

@@ -67,11 +67,26 @@ def launcher_fsdp(environ: Mapping[str, str]) -> dict | None:
     return {"reshard_after_forward": after_forward, "gradient_checkpointing": _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING")}
 
 
+def device_defaults(mixed_precision: str | None, tf32: bool, environ: Mapping[str, str], *, cuda: bool, bf16: bool,
+                    deepspeed: bool) -> tuple[str | None, bool]:
+    """(the Accelerator's mixed_precision, whether float32 matmuls run in TF32) for this device.
+
+    Unset everywhere (train.mixed_precision null, no launcher flag): bf16 autocast on a GPU that
+    has it, as the GPU measurements were taken; accelerate's own default (no) elsewhere. DeepSpeed
+    keeps its config's choice: its bf16 also changes how it holds the optimizer's weights. TF32
+    on CUDA unless train.tf32=false; on the CPU the setting would reach oneDNN's matmuls, so it
+    is left alone there."""
+    if mixed_precision is None and not deepspeed and not environ.get("ACCELERATE_MIXED_PRECISION") and bf16:
+        mixed_precision = "bf16"
+    return mixed_precision, tf32 and cuda
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     """The run's Accelerator. An accelerate FSDP config file is taken over by mmdistill's own
     FSDP2 (its settings written into cfg.train); without an accelerator device, processes started
     by \`accelerate launch\`/torchrun train data-parallel on the CPU (gloo) instead of each
-    believing it is alone."""
+    believing it is alone. On a GPU, bf16 autocast and TF32 unless the config says otherwise
+    (device_defaults)."""
     from_file = launcher_fsdp(os.environ)
     if from_file is not None:
         os.environ["ACCELERATE_USE_FSDP"] = "false"  # accelerate sets up plain data-parallel processes
@@ -81,7 +96,13 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     options = accelerator_options(launched(os.environ))
     if options.get("cpu"):  # accelerate imports an installed deepspeed anyway, whose device probe would warn on every run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a user's own choice is kept; DeepSpeed runs still probe
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, **options)
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    mixed_precision, tf32 = device_defaults(cfg.train.mixed_precision, cfg.train.tf32, os.environ, cuda=cuda, bf16=bf16,
+                                            deepspeed=launched(os.environ))
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    accelerator = Accelerator(mixed_precision=mixed_precision, **options)
     if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
         raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
                                   "configs/accelerate/fsdp.yaml or set train.fsdp=true")

@@ -36,9 +36,12 @@ EXAMPLES = 5  # responses kept per split in the eval JSON
 
 @torch.no_grad()
 def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_tokens: int, k: int = 1,
-              temperature: float = 0.0, top_p: float = 1.0, level: str | None = None, policy: str = "student"):
-    """(texts, token lengths), k per sample in sample order."""
-    settings = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_rollouts=k)
+              temperature: float = 0.0, top_p: float = 1.0, level: str | None = None, policy: str = "student",
+              fast: str = "auto"):
+    """(texts, token lengths), k per sample in sample order. `fast` is rollout.fast: evaluation
+    decodes as training's rollouts do."""
+    settings = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_rollouts=k,
+                               fast=fast)
     texts, lengths = [], []
     with adapter.deployed():
         for i in range(0, len(samples), batch_size):
@@ -48,11 +51,11 @@ def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_t
     return texts, lengths
 
 
-def accuracy(adapter, model, samples: list[dict], batch_size: int, max_new_tokens: int) -> float:
+def accuracy(adapter, model, samples: list[dict], batch_size: int, max_new_tokens: int, fast: str = "auto") -> float:
     """Greedy accuracy with each sample's own checker: the number printed before and after training."""
     if not samples:
         raise ValueError("no evaluation samples")
-    texts, _ = responses(adapter, model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    texts, _ = responses(adapter, model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, fast=fast)
     return sum(is_correct(t, s) for t, s in zip(texts, samples)) / len(samples)
 
 
@@ -63,13 +66,14 @@ def _privileged(adapter, sample: dict) -> str | None:
         return None
 
 
-def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | None = None, policy: str = "student") -> dict:
+def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | None = None, policy: str = "student",
+                fast: str = "auto") -> dict:
     """Every number of one split's row."""
     if not samples:
         raise ValueError("no evaluation samples")
     k = ev.samples
     texts, lengths = responses(adapter, model, samples, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                               k=k, temperature=ev.temperature, top_p=ev.top_p, level=level, policy=policy)
+                               k=k, temperature=ev.temperature, top_p=ev.top_p, level=level, policy=policy, fast=fast)
     correct = [is_correct(t, samples[i // k], ev) for i, t in enumerate(texts)]
     per_sample = [sum(correct[i * k : (i + 1) * k]) for i in range(len(samples))]
     n_right = sum(correct)
@@ -145,7 +149,8 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
     model.eval()
     adapter = build_adapter(proc, cfg.privileged, max_positions(model))
     level = "full" if role.endswith("_priv") else None
-    splits = {name: score_split(adapter, model, samples, ev, level=level) for name, samples in eval_splits(cfg).items()}
+    splits = {name: score_split(adapter, model, samples, ev, level=level, fast=cfg.rollout.fast)
+              for name, samples in eval_splits(cfg).items()}
     label = ev.label or role
     result = {
         "label": label,

@@ -19,7 +19,8 @@ def heldout_accuracy(accelerator, adapter, model, test: list[dict], cfg: DictCon
     """On the main process (the replicas hold the same weights); a sharded model's forward needs
     every rank (FSDP, ZeRO-3), so then all of them score the same samples."""
     scores = accelerator.is_main_process or collective(model)
-    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens)] if scores else [None]
+    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.rollout.fast)
+              if scores else None]
     return broadcast_object_list(result)[0]
 
 

@@ -97,7 +97,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     run.summary = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
                    "distributed": accelerator.distributed_type.value, "fsdp": cfg.train.fsdp,
                    "fsdp_teacher": bool(teacher is not None and is_sharded(teacher.model)),
-                   "mixed_precision": accelerator.mixed_precision}
+                   "mixed_precision": accelerator.mixed_precision,
+                   "tf32": torch.get_float32_matmul_precision() != "highest"}
     return run
 
 
