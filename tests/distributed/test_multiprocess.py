@@ -120,10 +120,10 @@ def test_dopd_routes_by_the_whole_steps_tokens_on_every_rank_and_micro_batch(tmp
         r = launch(*common, "train.batch_size=1", "train.grad_accum=2", f"method.dopd.threshold_scope={scope}",
                    f"train.output_dir={tmp_path / scope}", config="tiny")
         assert r.returncode == 0, r.stderr[-4000:]
-    for a, b in zip(rows(whole), rows(tmp_path / "step"), strict=True):
+    for a, b in zip(metrics_rows(whole), metrics_rows(tmp_path / "step"), strict=True):
         for key in ("loss", "grad_norm", "threshold_a", "threshold_qs", "threshold_qt"):
             assert math.isclose(a[key], b[key], rel_tol=1e-6), (a["step"], key, a[key], b[key])
-    assert not math.isclose(rows(whole)[0]["loss"], rows(tmp_path / "micro_batch")[0]["loss"], rel_tol=1e-3)
+    assert not math.isclose(metrics_rows(whole)[0]["loss"], metrics_rows(tmp_path / "micro_batch")[0]["loss"], rel_tol=1e-3)
 
 
 def test_two_rank_resume_matches_the_uninterrupted_run(ddp):

@@ -197,7 +197,7 @@ def test_reduction_weights_empty_sequences_against_brute_force(reduction, empty)
             per_seq.append(sum(vals) / len(vals) if vals else x.new_zeros(()))
         ref = sum(per_seq) / len(per_seq)
     else:
-        ref = brute_masked_mean(x, mask, reduction)
+        ref = ref_reduce(x, mask, reduction)
     torch.testing.assert_close(got, ref)
     if reduction == "seq":
         other = "zero" if empty == "exclude" else "exclude"
