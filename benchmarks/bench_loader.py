@@ -2,10 +2,10 @@
 
     python benchmarks/bench_loader.py [--n 2000] [--workers 0 1 2] [--content noise|scenes]
 
-Writes scenes samples (one 224x224 JPEG each, with photo-like noise by default; boxes, hints) to temporary shards, then times
-ShardStream over one epoch: tar reading, JSON and schema checks, JPEG decoding to PIL, the
-shuffle buffer and batching, i.e. everything the training loop receives. Target:
-at least 500 samples/s with 2 workers on the 2-core CPU machine.
+Writes scenes samples (one 224x224 JPEG each, with photo-like noise by default; boxes, hints) to
+temporary shards, then times ShardStream over one epoch: tar reading, JSON and schema checks, JPEG
+decoding to PIL, the shuffle buffer and batching, i.e. everything the training loop receives.
+Target: at least 500 samples/s with 2 workers on the 2-core CPU machine.
 """
 from __future__ import annotations
 

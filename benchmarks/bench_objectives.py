@@ -7,7 +7,8 @@ Each (method, path) runs in a fresh subprocess so that its peak RSS is its own, 
 call on an 8-position slice. Inputs (every view's logits, filled in place so no temporary
 inflates the baseline) are allocated first; the
 reported "extra peak" is the process's peak RSS during loss + backward (VmHWM, reset just
-before) minus the RSS with the inputs in place. It includes the gradient of the student logits, which any path must produce.
+before) minus the RSS with the inputs in place. It includes the gradient of the student logits,
+which any path must produce.
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def main() -> int:
 
     if args.one:
         name, chunk = args.one.split(":")
-        print(json.dumps(measure(name, None if chunk == "auto" else int(chunk), args.vocab, args.positions, args.batch, args.dtype, 0)))
+        print(json.dumps(measure(name, None if chunk == "auto" else int(chunk), args.vocab, args.positions, args.batch,
+                                 args.dtype, 0)))
         return 0
 
     print(f"vocab {args.vocab}, {args.positions} positions ({args.batch} x {args.positions // args.batch}), "

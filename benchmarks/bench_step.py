@@ -1,6 +1,7 @@
 """Where a training step's time goes, per method, on a small text and a small VLM setup.
 
-    python benchmarks/bench_step.py [--repeats 5] [--setups text vlm] [--methods opd dopd ar_opd ...] [--rollouts K] [--no-share-prefix]
+    python benchmarks/bench_step.py [--repeats 5] [--setups text vlm] [--methods opd dopd ar_opd ...]
+                                    [--rollouts K] [--no-share-prefix]
 
 Every method scores the SAME rollouts (same prompts, same sampled responses), so the
 comparison isolates what a method adds: its extra view forwards and its loss. A step is
@@ -27,14 +28,14 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import build_adapter
+from mmdistill.adapters.scoring import Views
 from mmdistill.adapters.vision import DRAWN
-from mmdistill.core.batch import Batch
 from mmdistill.config import load_config, method_options
+from mmdistill.core.batch import Batch
 from mmdistill.data.sources import load_split
 from mmdistill.methods.registry import build_method
 from mmdistill.models.loading import load, max_positions
 from mmdistill.models.teachers import Teacher
-from mmdistill.adapters.scoring import Views
 
 VLM = ["train.batch_size=16", "rollout.max_new_tokens=16", "data.scenes.image_size=64",
        "student.vision.tower.image_size=64", "student.vision.tower.kwargs.img_size=64",
@@ -96,7 +97,8 @@ def bench(setup: str, methods: list[str], repeats: int, share_prefix: bool, roll
             for view, v in views.seconds.items():
                 views_split[m].setdefault(view, []).append(v)
 
-    print(f"\n== {setup}: config {name}, {len(samples)} prompts x {rollouts} rollouts, share_prefix={share_prefix}, {tokens} response tokens per step, {repeats} repeats (median ms)")
+    print(f"\n== {setup}: config {name}, {len(samples)} prompts x {rollouts} rollouts, share_prefix={share_prefix}, "
+          f"{tokens} response tokens per step, {repeats} repeats (median ms)")
     print(f"{'method':<8}" + "".join(f"{p:>10}" for p in PARTS) + f"{'step':>10}{'tok/s':>9}{'x opd':>7}  views (ms)")
     steps = {m: [sum(rows[m][p][r] for p in PARTS) for r in range(repeats)] for m in methods}
     for m in methods:
@@ -106,14 +108,16 @@ def bench(setup: str, methods: list[str], repeats: int, share_prefix: bool, roll
         # seconds apart, so a machine that slows for a while slows both
         ratio = f"{statistics.median(a / b for a, b in zip(steps[m], steps['opd'])):.2f}" if "opd" in steps else "-"
         split = ", ".join(f"{v}={1000 * statistics.median(t):.0f}" for v, t in views_split[m].items())
-        print(f"{m:<8}" + "".join(f"{1000 * med[p]:>10.1f}" for p in PARTS) + f"{1000 * step:>10.1f}{tokens / step:>9.0f}{ratio:>7}  {split}")
+        print(f"{m:<8}" + "".join(f"{1000 * med[p]:>10.1f}" for p in PARTS)
+              + f"{1000 * step:>10.1f}{tokens / step:>9.0f}{ratio:>7}  {split}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    ap.add_argument("--rollouts", type=int, default=1, help="rollouts per prompt (rollout.num_rollouts); prompts = batch / K")
+    ap.add_argument("--rollouts", type=int, default=1,
+                    help="rollouts per prompt (rollout.num_rollouts); prompts = batch / K")
     ap.add_argument("--no-share-prefix", action="store_true", help="score every view alone (train.share_prefix=false)")
     ap.add_argument("--methods", nargs="+", default=["opd", "full_opd", "dopd", "ar_opd", "gkd", "sft"])
     args = ap.parse_args()

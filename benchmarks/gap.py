@@ -123,7 +123,8 @@ def run_track(b: Bench, name: str, p: dict) -> dict:
     evals = ["eval.splits={" + ", ".join(f"{s}: {paths[s]}" for s in track["splits"]) + "}",
              f"eval.max_new_tokens={p['eval_tokens']}"]
     teacher, init = root / "teacher", root / "student_init"
-    for who, recipe, steps in (("teacher", track["teacher"], p["teacher_steps"]), ("student_init", track["init"], p["init_steps"])):
+    for who, recipe, steps in (("teacher", track["teacher"], p["teacher_steps"]),
+                               ("student_init", track["init"], p["init_steps"])):
         b.job(f"{name}/{who}", root / who / "student" / "config.json", [
             "mmdistill", "train", recipe, f"train.output_dir={root / who}", f"train.max_steps={steps}",
             "eval.num_samples=0", "train.keep_checkpoints=0", *source])
@@ -133,8 +134,8 @@ def run_track(b: Bench, name: str, p: dict) -> dict:
         b.job(f"{name}/refs/{role}", refs / f"{role}.json", ["mmdistill", "eval", track["config"], f"eval.model={role}",
                                                           f"eval.output_dir={refs}", *models, *source, *evals])
     budget = [f"train.max_steps={p['steps']}", f"train.batch_size={p['batch']}", f"optim.lr={p['lr']}",
-              f"rollout.max_new_tokens={p['tokens']}", f"eval.every={p['eval_every']}", f"eval.num_samples={p['eval_n']}",
-              f"eval.max_new_tokens={p['eval_tokens']}"]
+              f"rollout.max_new_tokens={p['tokens']}", f"eval.every={p['eval_every']}",
+              f"eval.num_samples={p['eval_n']}", f"eval.max_new_tokens={p['eval_tokens']}"]
     runs: dict[str, list[Path]] = {}
     for method, options in methods().items():
         for seed in p["seeds"]:
@@ -151,7 +152,8 @@ def run_track(b: Bench, name: str, p: dict) -> dict:
     for method in CONTINUAL:
         run = root / f"continual-{method}-seed0"
         b.job(f"{name}/{run.name}", run / "summary.json", [
-            "mmdistill", "train", track["config"], *methods()[method], "train.seed=0", stages, f"train.output_dir={run}",
+            "mmdistill", "train", track["config"], *methods()[method], "train.seed=0", stages,
+            f"train.output_dir={run}",
             *[o for o in budget if not o.startswith(("train.max_steps", "eval.every"))],
             f"eval.num_samples={p['n_cl_test']}", *COMMON, *models, *source])
         b.job(f"{name}/{run.name}/eval", run / "eval" / "student.json", ["mmdistill", "eval", str(run), *evals])
@@ -172,7 +174,8 @@ def decide(tracks: dict[str, dict]) -> dict:
         verdict = {}
         for name, t in tracks.items():
             split = ID_SPLIT[name]
-            mean = {m: statistics.mean(split_result(r, split)[0] for r in t["runs"][m]) for m in (variant, "opd", "full_opd")}
+            mean = {m: statistics.mean(split_result(r, split)[0] for r in t["runs"][m])
+                    for m in (variant, "opd", "full_opd")}
             init = json.loads((t["refs"] / "student_init.json").read_text())["splits"][split]["distinct_rate"]
             distinct = [split_result(r, split)[1] for r in t["runs"][variant]]
             verdict[name] = {"mean": mean[variant], "opd": mean["opd"], "full_opd": mean["full_opd"],
@@ -187,7 +190,8 @@ def decide(tracks: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a smoke-sized run of every job, to check the pipeline")
     ap.add_argument("--out", default=None, help="output folder (default bench_runs/gap[-quick])")
     ap.add_argument("--tracks", nargs="+", default=list(TRACKS), choices=list(TRACKS))
@@ -202,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tracks = {}
     for name in args.tracks:
-        p = dict(PROTOCOL[mode][name], seeds=[s for s in PROTOCOL[mode][name]["seeds"] if args.seeds is None or s in args.seeds])
+        p = dict(PROTOCOL[mode][name],
+                 seeds=[s for s in PROTOCOL[mode][name]["seeds"] if args.seeds is None or s in args.seeds])
         tracks[name] = run_track(b, name, p)
     from mmdistill.reporting.compare import report_markdown
 

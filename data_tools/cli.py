@@ -158,7 +158,8 @@ def _convert_opts(p: argparse.ArgumentParser, split_choices: Sequence[str] | Non
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default shard)")
     p.add_argument("--max-shard-mb", type=float, default=64.0, help="start a new shard past this size (default 64)")
     p.add_argument("--max-count", type=int, default=10_000, help="at most this many samples per shard (default 10000)")
-    p.add_argument("--split", default="train", choices=split_choices, help="split stamped on every sample (default train)")
+    p.add_argument("--split", default="train", choices=split_choices,
+                   help="split stamped on every sample (default train)")
     p.add_argument("--stage", type=int, default=0, help="continual-learning stage stamped on every sample (default 0)")
     p.add_argument("--on-bad", default="raise", choices=["raise", "skip"],
                    help="a bad record stops the conversion naming it (raise, default) or is skipped and counted")
@@ -282,7 +283,8 @@ def _scenes_knobs(args: argparse.Namespace) -> dict:
 
     knobs = {"image_size": args.image_size, "min_objects": args.min_objects, "max_objects": args.max_objects,
              "question_types": tuple(_names(args.question_types)) or scenes.QUESTION_TYPES,
-             "colors": tuple(_names(args.colors)) or scenes.COLORS, "shapes": tuple(_names(args.shapes)) or scenes.SHAPES,
+             "colors": tuple(_names(args.colors)) or scenes.COLORS,
+             "shapes": tuple(_names(args.shapes)) or scenes.SHAPES,
              "exclude_combos": _names(args.exclude_combos)}
     if args.only_combos:
         knobs["only_combos"] = _names(args.only_combos)
@@ -375,14 +377,16 @@ def _add_convert_commands(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--domain", default="reasoning_gym", help="domain stamped on every sample (default reasoning_gym)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a field of the task's reasoning-gym config (repeatable), e.g. --set max_digits=1 --set max_terms=3")
+                   help="a field of the task's reasoning-gym config (repeatable), "
+                        "e.g. --set max_digits=1 --set max_terms=3")
     _convert_opts(r, split_choices=["train", "val", "test"])
     r.set_defaults(func=_cmd_reasoning_gym)
 
     s = sub.add_parser(
         "scenes",
         help="procedural scenes (coloured shapes, questions, privileged boxes) -> shards",
-        description="Write seeded scenes samples as shards; knobs make out-of-distribution and continual-learning splits.",
+        description="Write seeded scenes samples as shards; knobs make out-of-distribution and "
+                    "continual-learning splits.",
     )
     s.add_argument("--n", type=int, required=True, help="number of samples")
     s.add_argument("--seed", type=int, default=0)
@@ -392,7 +396,8 @@ def _add_convert_commands(sub) -> None:
     s.add_argument("--question-types", default=None, help="comma-separated: count,attribute,spatial (default all)")
     s.add_argument("--colors", default=None, help="comma-separated colours (default red,green,blue,yellow)")
     s.add_argument("--shapes", default=None, help="comma-separated shapes (default circle,square,triangle)")
-    s.add_argument("--exclude-combos", default=None, help='colour-shape pairs never drawn, e.g. "red circle,blue square"')
+    s.add_argument("--exclude-combos", default=None,
+                   help='colour-shape pairs never drawn, e.g. "red circle,blue square"')
     s.add_argument("--only-combos", default=None, help="draw only these colour-shape pairs")
     s.add_argument("--id-prefix", default="", help="prefix for sample ids (keeps ids unique when datasets are mixed)")
     _convert_opts(s, split_choices=["train", "val", "test"])
@@ -448,8 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n", type=int, required=True, help="number of samples")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--split", default="train", choices=["train", "val", "test"])
-    c.add_argument("--steps", type=int, default=2, help="operations per chain (more than training saw: out of distribution)")
-    c.add_argument("--ops", default="+-*", help='operators to draw from, e.g. "+" for one continual stage (default "+-*")')
+    c.add_argument("--steps", type=int, default=2,
+                   help="operations per chain (more than training saw: out of distribution)")
+    c.add_argument("--ops", default="+-*",
+                   help='operators to draw from, e.g. "+" for one continual stage (default "+-*")')
     c.set_defaults(func=_cmd_chain)
 
     t = sub.add_parser(

@@ -7,7 +7,8 @@ import json
 import os
 from collections import Counter
 
-from mmdistill.data import boxes as annotate, shards
+from mmdistill.data import boxes as annotate
+from mmdistill.data import shards
 from mmdistill.data.shards import ShardError
 
 FIELD_ORDER = ("id", "split", "stage", "domain", "task", "checker", "system", "prompt", "messages",
@@ -34,7 +35,8 @@ def _prompt_chars(sample: dict) -> int:
         if isinstance(content, str):
             total += len(content)
         elif isinstance(content, list):
-            total += sum(len(p.get("text", "")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            total += sum(len(p.get("text", "")) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
     return total
 
 
@@ -100,7 +102,8 @@ def validate(specs: list[str]) -> tuple[dict, list[str]]:
                     local[f][shards.sample_count_key(sample, f)] += 1
                 key = shards.sample_key(sample["id"])
                 if sample["id"] in ids:
-                    problems.append(f"{url}: sample {key!r}: duplicate id {sample['id']!r} (also in {ids[sample['id']]})")
+                    problems.append(f"{url}: sample {key!r}: duplicate id {sample['id']!r} "
+                                    f"(also in {ids[sample['id']]})")
                 ids[sample["id"]] = url
             problems.extend(st["errors"])
             clean = clean and not st["bad"]

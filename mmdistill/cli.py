@@ -36,13 +36,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
     if launcher is not None:
-        print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)", file=sys.stderr)
+        print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)",
+              file=sys.stderr)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
                *([config] if config is not None else []), *overrides]
         return subprocess.call(cmd)
     from mmdistill.distributed.launch import launcher_fsdp
-    from mmdistill.training.stopping import Stopped
     from mmdistill.training.loop import train
+    from mmdistill.training.stopping import Stopped
 
     try:
         launcher_fsdp(os.environ)  # an accelerate config mmdistill cannot honour: one line per process, not a traceback
@@ -77,7 +78,8 @@ def _default_launch() -> str | None:
         found = load_config_from_file(default_config_file)
     except Exception as exc:  # accelerate raises whatever its yaml/json/dataclass parsing raises
         why = " ".join(str(exc).split())  # yaml's messages span lines
-        raise ConfigError(f"accelerate's default config {default_config_file}: {why} (mmdistill train --no-launch ignores it)") from None
+        raise ConfigError(f"accelerate's default config {default_config_file}: {why} "
+                          "(mmdistill train --no-launch ignores it)") from None
     kind = str(getattr(found.distributed_type, "value", found.distributed_type))
     if (found.num_processes or 1) > 1 or kind in ("FSDP", "DEEPSPEED"):
         return default_config_file
@@ -160,25 +162,29 @@ class _Formatter(argparse.HelpFormatter):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mmdistill", description="On-policy distillation with privileged information.",
+    parser = argparse.ArgumentParser(prog="mmdistill",
+                                     description="On-policy distillation with privileged information.",
                                      formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a student: mmdistill train [CONFIG] [key=value ...]",
-                       description="Train a student. CONFIG is a YAML under configs/ or a path (default: configs/default.yaml); "
+                       description="Train a student. CONFIG is a YAML under configs/ or a path "
+                                   "(default: configs/default.yaml); "
                                    "dotted key=value overrides merge on top, e.g. train.max_steps=10 method=sft.")
     p.add_argument("config", nargs="?", help="configs/NAME.yaml, NAME, or a path")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--no-launch", action="store_true",
-                   help="train in this process even when accelerate's default config (`accelerate config`) asks for several")
+                   help="train in this process even when accelerate's default config (`accelerate config`) "
+                        "asks for several")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score a student (or the teacher) on test splits: mmdistill eval CONFIG_OR_RUN_DIR",
-                       description="Evaluate a run's student (RUN_DIR) or a config's model on eval.splits (default: the "
-                                   "data's test split): accuracy with a 95% interval, pass@k, lengths, leakage. "
-                                   "eval.model=student_init|teacher|teacher_priv gives the reference rows; student_priv and "
-                                   "student_init_priv score the student reading the privileged context (DOPD's self-teacher).")
+                       description="Evaluate a run's student (RUN_DIR) or a config's model on eval.splits "
+                                   "(default: the data's test split): accuracy with a 95% interval, pass@k, "
+                                   "lengths, leakage. eval.model=student_init|teacher|teacher_priv gives the "
+                                   "reference rows; student_priv and student_init_priv score the student reading "
+                                   "the privileged context (DOPD's self-teacher).")
     p.add_argument("target", help="a run directory (with config.yaml) or a config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.splits={ood: data/ood}")
     p.set_defaults(func=_eval)

@@ -80,7 +80,8 @@ def table_row(text: str, first_cell: str) -> list[str]:
 
 def table_header(text: str) -> list[str]:
     """The cells of the first Markdown table row in `text`."""
-    return [c.strip() for c in next(l for l in text.splitlines() if l.startswith("|")).strip().strip("|").split("|")]
+    return [c.strip()
+            for c in next(line for line in text.splitlines() if line.startswith("|")).strip().strip("|").split("|")]
 
 
 # ---------------------------------------------------------------- data on disk

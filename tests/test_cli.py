@@ -66,10 +66,12 @@ def test_config_error_is_reported_before_heavy_imports(tmp_path):
         "import sys\n"
         "from mmdistill.cli import main\n"
         f"rc = main(['train', 'tiny', 'teacher.mode=foo', 'train.output_dir={tmp_path / 'x'}'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.training.loop') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.training.loop') "
+        "if m in sys.modules)\n"
         "print(rc, heavy)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "2 []"
     assert r.stderr.strip().count("\n") == 0 and "'teacher.mode'" in r.stderr

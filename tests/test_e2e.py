@@ -48,7 +48,8 @@ def test_train_end_to_end(tmp_path, method):
     initial = load_model(cfg.student, load_tokenizer(cfg.student), seed=cfg.train.seed)
     changed = [n for n, p in student.named_parameters() if not torch.equal(p, initial.state_dict()[n])]
     assert changed, "training did not change the student's weights"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Compute 3+4."}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Compute 3+4."}], add_generation_prompt=True,
+                                     tokenize=False)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = student.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]

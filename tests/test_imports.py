@@ -38,7 +38,8 @@ def imports(path: Path, known: set[str]) -> list[tuple[str, int, bool]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from pkg import sub` depends on the submodule; `from pkg import name` on pkg itself
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names]
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
         else:
             continue
         out += [(n, node.lineno, id(node) in local) for n in names if n.split(".")[0] in OURS]

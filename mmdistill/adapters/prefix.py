@@ -30,7 +30,6 @@ from mmdistill.core.batch import Batch
 from mmdistill.models.composite import CompositeVLM
 from mmdistill.models.weights import collective
 
-
 # transformers renamed `past_key_values` to `cache` (5.x); both names are served.
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -69,17 +68,18 @@ def _copy(cache: DynamicCache, rows: torch.Tensor, detach: bool) -> DynamicCache
     """The prefix cache with one row per sample (rows[b] = its prefix's row), for one view."""
     def pick(x: torch.Tensor) -> torch.Tensor:
         return (x.detach() if detach else x).index_select(0, rows)
-    return DynamicCache(ddp_cache_data=[(pick(l.keys), pick(l.values)) for l in cache.layers])
+    return DynamicCache(ddp_cache_data=[(pick(layer.keys), pick(layer.values)) for layer in cache.layers])
 
 
 def _same_images(adapter, samples: list[dict], levels: list[str | None]) -> bool:
     """Every view shows each sample the same image objects (checked before any prompt is encoded)."""
     shown = [[adapter.images(s, level) for s in samples] for level in levels]
-    return all(len(a) == len(b) and all(x is y for x, y in zip(a, b)) for view in shown[1:] for a, b in zip(view, shown[0]))
+    return all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+               for view in shown[1:] for a, b in zip(view, shown[0]))
 
 
-def _prefix_pixels(adapter, samples: list[dict], levels: list[str | None], encoded: list, prompts: list[list[list[int]]],
-                   cut: list[int]) -> list[torch.Tensor] | None:
+def _prefix_pixels(adapter, samples: list[dict], levels: list[str | None], encoded: list,
+                   prompts: list[list[list[int]]], cut: list[int]) -> list[torch.Tensor] | None:
     """Per sample, the pixel rows of its images, when they can run with the shared prefix (every
     view shows the same images, see _same_images): their tokens all lie before the cut, and the
     model reads nothing but `pixel_values`, one row per image. None otherwise."""
@@ -137,7 +137,7 @@ def score_views(adapter, model: torch.nn.Module, batch: Batch, levels: list[str 
         out = unwrap(model)(input_ids=pre_ids, attention_mask=pre_attn, position_ids=positions(model, pre_attn),
                             use_cache=True, logits_to_keep=1, **extras)
     cache = getattr(out, CACHE, None)
-    if not isinstance(cache, DynamicCache) or not all(type(l) is DynamicLayer for l in cache.layers):
+    if not isinstance(cache, DynamicCache) or not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None, {}
     pre_attn = pre_attn.long()[rows]
     seconds["prefix"] = time.perf_counter() - t0

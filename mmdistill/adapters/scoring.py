@@ -11,6 +11,7 @@ from mmdistill.adapters.prefix import score_views
 from mmdistill.core.batch import Batch
 from mmdistill.core.views import VIEW_SPEC
 
+
 def _prompts_of(policy: str) -> str:
     """Whose processor renders a policy's prompts: the initial student is a student."""
     return "teacher" if policy == "teacher" else "student"
@@ -40,7 +41,8 @@ class Views(Mapping):
             if model is None:
                 needs = "a teacher" if policy == "teacher" else "a frozen copy of the initial student (Views(init=...))"
                 raise ValueError(f"view '{name}' needs {needs}, and this run has none")
-            group = [name] + [v for v in self.wanted if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
+            group = [name] + [v for v in self.wanted
+                              if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
             t0 = time.perf_counter()  # a view scored alone also pays for a shared attempt that fell back
             if not (self.share_prefix and self._score_shared(model, policy, group)):
                 self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"),

@@ -169,8 +169,8 @@ class TextAdapter:
         """The sample's fields as `privileged.text` sees them at this level."""
         fields = dict(sample)
         if level == "partial":
-            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field), self.priv.partial_ratio,
-                                                         self.priv.partial_cut)
+            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field),
+                                                         self.priv.partial_ratio, self.priv.partial_cut)
         return fields
 
     def privileged_text(self, sample: dict, level: str | None) -> str:
@@ -215,7 +215,8 @@ class TextAdapter:
 
     def prompt_texts(self, samples: list[dict], level: str | None, policy: str = "student") -> list[str]:
         proc = self.procs[policy]
-        texts = [proc.apply_chat_template(self.messages(s, level), add_generation_prompt=True, tokenize=False) for s in samples]
+        texts = [proc.apply_chat_template(self.messages(s, level), add_generation_prompt=True, tokenize=False)
+                 for s in samples]
         if level is not None:
             plain = self.prompt_texts(samples, None, policy)
             for s, a, b in zip(samples, texts, plain):
@@ -300,13 +301,15 @@ class TextAdapter:
         samples = self.prepare(samples)
         resp = self.tok([self._field(s, "response") for s in samples], add_special_tokens=False)["input_ids"]
         resp = [r + [self.eos_ids[0]] for r in resp]
-        self.check_fits(samples, self.encode(samples, None, "student", torch.device("cpu")), [len(r) for r in resp], "student")
+        self.check_fits(samples, self.encode(samples, None, "student", torch.device("cpu")), [len(r) for r in resp],
+                        "student")
         ids, mask = right_pad(resp, self.pad_id, torch.device("cpu"))
         return Batch(ids, mask, samples, on_policy=False)
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def logits(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool, policy: str = "student") -> torch.Tensor:
+    def logits(self, model: torch.nn.Module, batch: Batch, level: str | None, grad: bool,
+               policy: str = "student") -> torch.Tensor:
         """[B, N, V] next-token logits (model dtype) at each response position under this view.
 
         Logits, not log-probs: methods normalise them chunk by chunk in float32 (chunked.py), so
@@ -400,4 +403,5 @@ def check_template(tok: Any) -> None:
 
 
 def _name(proc: Any) -> str:
-    return getattr(proc, "name_or_path", None) or getattr(getattr(proc, "tokenizer", None), "name_or_path", type(proc).__name__)
+    return (getattr(proc, "name_or_path", None)
+            or getattr(getattr(proc, "tokenizer", None), "name_or_path", type(proc).__name__))

@@ -22,7 +22,6 @@ from PIL import Image
 from mmdistill.adapters.text import Prompts, TextAdapter
 from mmdistill.data.boxes import boxes_text, check_boxes, draw_boxes, load_image, partial_boxes
 
-
 DRAWN = "_drawn_images"
 
 
@@ -58,7 +57,8 @@ class VisionAdapter(TextAdapter):
                 if s.get(key):
                     new[key] = [load_image(x, f"sample '{sid}' {key}[{i}]") for i, x in enumerate(s[key])]
             if s.get("boxes"):
-                new["boxes"] = check_boxes(s["boxes"], [im.size for im in new.get("images") or []], f"sample '{sid}' boxes")
+                new["boxes"] = check_boxes(s["boxes"], [im.size for im in new.get("images") or []],
+                                           f"sample '{sid}' boxes")
             new[DRAWN] = {}  # images with boxes drawn on, per view level: drawn once per batch, shared by the views
             seen[id(s)] = new
             out.append(new)
@@ -91,10 +91,12 @@ class VisionAdapter(TextAdapter):
         if source in ("auto", "teacher") and sample.get("teacher_images"):
             return sample["teacher_images"]
         if source == "teacher":
-            raise KeyError(f"sample '{sample.get('id', '?')}' has no field 'teacher_images' (privileged.image.source=teacher)")
+            raise KeyError(f"sample '{sample.get('id', '?')}' has no field 'teacher_images' "
+                           "(privileged.image.source=teacher)")
         if source == "draw":
             opts, drawn = self.priv.image, sample.get(DRAWN, {})
-            key = (level, opts.draw_labels, opts.line_width, opts.partial_boxes, self.priv.partial_field, self.priv.partial_ratio)
+            key = (level, opts.draw_labels, opts.line_width, opts.partial_boxes, self.priv.partial_field,
+                   self.priv.partial_ratio)
             if key not in drawn:
                 boxes = self.view_boxes(sample, level)
                 drawn[key] = [draw_boxes(im, boxes, labels=opts.draw_labels, width=opts.line_width, image_index=i)

@@ -234,9 +234,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the student's activations in backward
     fsdp: bool = False  # shard the student across the processes (torch FSDP2); HF models; see docs/distributed.md
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights from forward to backward (ZeRO-2 style)
-    fsdp_teacher: bool = False  # shard the frozen teacher (teacher.mode=model) across the processes too (FSDP2, forward only)
+    # shard the frozen teacher (teacher.mode=model) across the processes too (FSDP2, forward only)
+    fsdp_teacher: bool = False
     share_prefix: bool = True  # views of one model run the prompt prefix they share once (KV cache); text models
-    sample_every: int = 50  # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
+    # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
+    sample_every: int = 50
     # Continual learning: stages trained in sequence from one student (train.max_steps is then their
     # sum); after each, every stage's test split is scored, giving continual.json's R[i][j].
     stages: List[StageConfig] = field(default_factory=list)
@@ -256,7 +258,8 @@ class EvalConfig:
     model: str = "student"
     label: Optional[str] = None  # result file name under the output dir; default = model
     output_dir: Optional[str] = None  # default: RUN_DIR/eval (or train.output_dir/eval for a config)
-    checker: Optional[str] = None  # exact | numeric | choice | scenes | arith | reasoning_gym:<task>; null = each sample's own
+    # exact | numeric | choice | scenes | arith | reasoning_gym:<task>; null = each sample's own
+    checker: Optional[str] = None
     extraction: str = "tag"  # tag | last_number | regex | boxed
     tag: str = "Answer:"
     pattern: Optional[str] = None  # extraction=regex: the answer is the pattern's first group in its last match

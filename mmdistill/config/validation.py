@@ -104,7 +104,8 @@ def validate(cfg: DictConfig) -> None:
     if bad:
         raise ConfigError(f"config key 'method.dopd.regimes' has {bad}; allowed: ht, lh, hs, ll")
     if cfg.method.chunk_size is not None and cfg.method.chunk_size < 0:
-        raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; must be null (auto), 0 (off) or positive")
+        raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; "
+                          "must be null (auto), 0 (off) or positive")
     if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:
         raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
     if cfg.student.gguf_file and not cfg.student.path:
@@ -117,11 +118,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'data.scenes.min_objects' is larger than data.scenes.max_objects")
     bad = sorted(set(cfg.data.scenes.question_types) - {"count", "attribute", "spatial"})
     if bad or not cfg.data.scenes.question_types:
-        raise ConfigError(f"config key 'data.scenes.question_types' has {bad or 'nothing'}; allowed: count, attribute, spatial")
+        raise ConfigError(f"config key 'data.scenes.question_types' has {bad or 'nothing'}; "
+                          "allowed: count, attribute, spatial")
     for who in ("student", "teacher.model"):
         model = OmegaConf.select(cfg, who)
         if model.vision.tower.name and model.path:
-            raise ConfigError(f"config key '{who}.vision.tower.name' builds a new composite; it cannot be combined with {who}.path")
+            raise ConfigError(f"config key '{who}.vision.tower.name' builds a new composite; "
+                              f"it cannot be combined with {who}.path")
         if model.vision.lm_path and not model.vision.tower.name:
             raise ConfigError(f"config key '{who}.vision.lm_path' needs {who}.vision.tower.name")
     if cfg.eval.extraction == "regex" and not cfg.eval.pattern:
@@ -135,8 +138,10 @@ def validate(cfg: DictConfig) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'train.stages' has repeated names {names}; each stage needs its own")
     if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
-        raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 (0 writes no checkpoints)")
+        raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 "
+                          "(0 writes no checkpoints)")
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
-        raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 (greedy rollouts are identical)")
+        raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 "
+                          "(greedy rollouts are identical)")
 
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
+
 @dataclass
 class Batch:
     """Responses to score: student rollouts (on-policy) or oracle responses (SFT).

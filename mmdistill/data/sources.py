@@ -22,7 +22,8 @@ def _load_split(cfg: DictConfig, split: str) -> list[dict]:
         return arith.make_samples(n, cfg.arith.seed, split=split, digits=cfg.arith.digits, ops=tuple(cfg.arith.ops))
     if cfg.source == "chain":
         n = cfg.chain.num_train if split == "train" else cfg.chain.num_test
-        return chain.make_samples(n, cfg.chain.seed, split=split, steps=cfg.chain.steps, ops=tuple(dict.fromkeys(cfg.chain.ops)))
+        return chain.make_samples(n, cfg.chain.seed, split=split, steps=cfg.chain.steps,
+                                  ops=tuple(dict.fromkeys(cfg.chain.ops)))
     if cfg.source == "scenes":
         sc = cfg.scenes
         return scenes.make_samples(sc.num_train if split == "train" else sc.num_test, sc.seed, split=split,

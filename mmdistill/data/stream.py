@@ -13,8 +13,9 @@ from mmdistill.data.sources import load_split
 def train_stream(cfg: DictConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
     """Batches of training samples: shards are streamed, the other sources shuffled in memory."""
     if cfg.source == "shards":
-        return ShardStream(cfg.train_path, batch_size, seed, rank=rank, world_size=world_size, num_workers=cfg.num_workers,
-                           shuffle_buffer=cfg.shuffle_buffer, epochs=cfg.epochs, select=cfg.select, on_bad=cfg.on_bad_sample)
+        return ShardStream(cfg.train_path, batch_size, seed, rank=rank, world_size=world_size,
+                           num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, epochs=cfg.epochs,
+                           select=cfg.select, on_bad=cfg.on_bad_sample)
     return SampleStream(load_split(cfg, "train"), batch_size, seed)
 
 
@@ -70,7 +71,8 @@ class StagedStream:
     """The training batches of each stage in turn. Its position is the stage and that stage's
     stream position, so a resumed continual run continues inside the right stage."""
 
-    def __init__(self, stages: list[tuple[str, int, DictConfig]], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, stages: list[tuple[str, int, DictConfig]], batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         self.stages, self.batch_size, self.seed, self.rank, self.world_size = stages, batch_size, seed, rank, world_size
         self.ends = [sum(steps for _, steps, _ in stages[: i + 1]) for i in range(len(stages))]
         self.index = 0

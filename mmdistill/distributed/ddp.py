@@ -27,7 +27,7 @@ class DataParallel(Backend):
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer, optimizer_state: dict | None) -> None:
         if optimizer_state is None:
-            raise ValueError(f"checkpoint {directory} was written under DeepSpeed ZeRO (per-rank optimizer partitions); "
-                             "resume it with the same DeepSpeed launch")
+            raise ValueError(f"checkpoint {directory} was written under DeepSpeed ZeRO "
+                             "(per-rank optimizer partitions); resume it with the same DeepSpeed launch")
         load_weights(model, directory / "student.safetensors")
         optimizer.load_state_dict(optimizer_state)

@@ -14,7 +14,7 @@ mmdistill's config decides the batch, accumulation and clipping (train.batch_siz
 optim.grad_clip); they are written into DeepSpeed's config before the engine is built. The step
 is driven explicitly: each micro-batch's backward is told whether it is the last (DeepSpeed then
 reduces), and the engine steps once per optimizer step, so a step cut short by the end of the
-data still applies what it accumulated. 
+data still applies what it accumulated.
 CPU offload of the optimizer state (any stage) and of the weights (stage 3) is DeepSpeed's own;
 the optimizer is then DeepSpeed's CPU AdamW, which it requires there (`build_optimizer`).
 
@@ -46,7 +46,8 @@ class DeepSpeed(Backend):
     def __init__(self, accelerator, cfg):
         super().__init__(accelerator, cfg)
         if cfg.train.fsdp:
-            raise ConfigError("train.fsdp=true and a DeepSpeed launch: choose one (configs/accelerate/fsdp.yaml or a DeepSpeed one)")
+            raise ConfigError("train.fsdp=true and a DeepSpeed launch: choose one "
+                              "(configs/accelerate/fsdp.yaml or a DeepSpeed one)")
         self.ds = accelerator.state.deepspeed_plugin.deepspeed_config
         configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         self.collective = zero_stage(self.ds) == 3
@@ -118,11 +119,11 @@ def configure(plugin, cfg, num_processes: int) -> None:
             raise ConfigError(f"accelerate config {key}_device={device}: mmdistill offloads to the CPU only; "
                               "set it to cpu or none")
         if key == "offload_param" and device == "cpu" and stage != 3:
-            raise ConfigError(f"accelerate config offload_param_device=cpu: parameters are offloaded at zero_stage 3 only "
-                              f"(this config has {stage}); set it to none or use stage 3")
+            raise ConfigError("accelerate config offload_param_device=cpu: parameters are offloaded at "
+                              f"zero_stage 3 only (this config has {stage}); set it to none or use stage 3")
     if (ds.get("fp16") or {}).get("enabled") in (True, "true"):
-        raise ConfigError("accelerate config mixed_precision=fp16: fp16 (loss scaling) is not supported under DeepSpeed; "
-                         "use bf16 or no")
+        raise ConfigError("accelerate config mixed_precision=fp16: fp16 (loss scaling) is not supported under "
+                          "DeepSpeed; use bf16 or no")
     if plugin.zero3_init_flag:
         raise ConfigError("accelerate config zero3_init_flag=true: mmdistill builds its models whole (the teacher is "
                           "never partitioned, self-teachers copy the student); set it to false")
@@ -161,7 +162,8 @@ def load_partitioned(model, file: Path, rank: int) -> None:
     tied = tied_names(model)
     with safe_open(str(file), framework="pt") as f:
         shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
-        state = {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
+        state = {n: tuple(getattr(t, "ds_shape", t.shape))
+                 for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
         missing, unexpected = state.keys() - shapes.keys(), shapes.keys() - state.keys()
         wrong = sorted(n for n in state.keys() & shapes.keys() if state[n] != shapes[n])
         if missing or unexpected or wrong:

@@ -67,7 +67,8 @@ class FSDP2(Backend):
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer, optimizer_state: dict | None) -> None:
         set_model_state_dict(model, load_file(str(directory / "student.safetensors")),
                              options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, _bare(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, _bare(optimizer), optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
 
 
 def shard_teacher(teacher, backend: Backend) -> None:
@@ -106,7 +107,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Keyed by parameter name (not by a rank's shard), so any rank count reads it back."""
-    return get_optimizer_state_dict(model, _bare(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_optimizer_state_dict(model, _bare(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _bare(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -26,7 +26,8 @@ def one_by_one(items: Iterable[tuple[str, torch.Tensor]], modify: bool = False) 
             yield n, t
 
 
-def state_items(model: torch.nn.Module, skip: Container[str] = (), modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def state_items(model: torch.nn.Module, skip: Container[str] = (),
+                modify: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model's state dict, in its order, leaving out the names in `skip`,
     each gathered while it is held (see one_by_one)."""
     return one_by_one(((n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in skip), modify)

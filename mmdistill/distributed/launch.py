@@ -53,18 +53,22 @@ def launcher_fsdp(environ: Mapping[str, str]) -> dict | None:
         return None
     version = environ.get("FSDP_VERSION", "1").strip()
     reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().upper()
-    if version == "1" and reshard in ("TRUE", "FALSE"):  # FSDP1 configs name a strategy; the older key wins when the new one holds none
+    # FSDP1 configs name a strategy; the older key wins when the new one holds none
+    if version == "1" and reshard in ("TRUE", "FALSE"):
         reshard = environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
     if reshard.isdigit() and 1 <= int(reshard) <= len(STRATEGY_NAMES):
         reshard = STRATEGY_NAMES[int(reshard) - 1]
     if reshard in REFUSED:
-        raise ValueError(f"accelerate config fsdp_reshard_after_forward/fsdp_sharding_strategy={reshard}: {REFUSED[reshard]}")
+        raise ValueError(f"accelerate config fsdp_reshard_after_forward/fsdp_sharding_strategy={reshard}: "
+                         f"{REFUSED[reshard]}")
     if reshard not in RESHARD:
-        raise ValueError(f"accelerate config fsdp_reshard_after_forward={reshard!r}: expected true, false, FULL_SHARD or SHARD_GRAD_OP")
+        raise ValueError(f"accelerate config fsdp_reshard_after_forward={reshard!r}: "
+                         "expected true, false, FULL_SHARD or SHARD_GRAD_OP")
     after_forward = RESHARD[reshard]
     if _flag(environ, "FSDP_OFFLOAD_PARAMS"):
         raise ValueError("accelerate config fsdp_offload_params=true: CPU offload is not supported; set it to false")
-    return {"reshard_after_forward": after_forward, "gradient_checkpointing": _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING")}
+    return {"reshard_after_forward": after_forward,
+            "gradient_checkpointing": _flag(environ, "FSDP_ACTIVATION_CHECKPOINTING")}
 
 
 def device_defaults(mixed_precision: str | None, tf32: bool, environ: Mapping[str, str], *, cuda: bool, bf16: bool,
@@ -82,7 +86,7 @@ def device_defaults(mixed_precision: str | None, tf32: bool, environ: Mapping[st
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
-    """The run's Accelerator. An accelerate FSDP config file is taken over by mmdistill's own
+    r"""The run's Accelerator. An accelerate FSDP config file is taken over by mmdistill's own
     FSDP2 (its settings written into cfg.train); without an accelerator device, processes started
     by \`accelerate launch\`/torchrun train data-parallel on the CPU (gloo) instead of each
     believing it is alone. On a GPU, bf16 autocast and TF32 unless the config says otherwise
@@ -94,7 +98,8 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         cfg.train.fsdp_reshard_after_forward = from_file["reshard_after_forward"]
         cfg.train.gradient_checkpointing = cfg.train.gradient_checkpointing or from_file["gradient_checkpointing"]
     options = accelerator_options(launched(os.environ))
-    if options.get("cpu"):  # accelerate imports an installed deepspeed anyway, whose device probe would warn on every run
+    # accelerate imports an installed deepspeed anyway, whose device probe would warn on every run
+    if options.get("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a user's own choice is kept; DeepSpeed runs still probe
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()

@@ -23,6 +23,7 @@ from mmdistill.evaluation.leakage import is_shortcut, leaked_span
 from mmdistill.evaluation.stats import length_buckets, pass_at_k, wilson_interval
 from mmdistill.models.loading import load, max_positions
 
+
 def is_correct(text: str, sample: dict, ev: Any = None) -> bool:
     """eval.checker, else the sample's own checker, else its domain's, else exact match."""
     if ev is None:
@@ -141,10 +142,11 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
     ev, role = cfg.eval, cfg.eval.model
     model_cfg = cfg.teacher.model if role.startswith("teacher") else cfg.student
     if role in ("student", "student_priv") and run_dir is not None:
-        model_cfg = OmegaConf.merge(cfg.student, {"path": str(run_dir / "student"), "gguf_file": None, "tokenizer": None,
-                                                  "vision": {"tower": {"name": None}}})
+        model_cfg = OmegaConf.merge(cfg.student, {"path": str(run_dir / "student"), "gguf_file": None,
+                                                  "tokenizer": None, "vision": {"tower": {"name": None}}})
     if role.startswith("teacher") and cfg.teacher.mode != "model":
-        raise ValueError(f"eval.model={role} needs teacher.mode=model (this config's teacher is a {cfg.teacher.mode} self-teacher)")
+        raise ValueError(f"eval.model={role} needs teacher.mode=model "
+                         f"(this config's teacher is a {cfg.teacher.mode} self-teacher)")
     model, proc = load(model_cfg, seed=cfg.train.seed + (1 if role.startswith("teacher") else 0))
     model.eval()
     adapter = build_adapter(proc, cfg.privileged, max_positions(model))
@@ -159,8 +161,8 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
         "method": cfg.method.name,
         "model_path": model_cfg.path,
         "splits": splits,
-        "settings": {k: ev[k] for k in ("checker", "extraction", "tag", "pattern", "tolerance", "samples", "temperature",
-                                        "top_p", "max_new_tokens")},
+        "settings": {k: ev[k] for k in ("checker", "extraction", "tag", "pattern", "tolerance", "samples",
+                                        "temperature", "top_p", "max_new_tokens")},
     }
     out_dir = Path(ev.output_dir) if ev.output_dir else Path(run_dir or cfg.train.output_dir) / "eval"
     return result, out_dir

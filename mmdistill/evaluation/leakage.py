@@ -8,7 +8,6 @@ from typing import Iterable
 
 from mmdistill.evaluation.checkers import normalize
 
-
 # --- privileged-leakage diagnostics ---------------------------------------------------------
 
 _WORD = re.compile(r"[^\W_]+")

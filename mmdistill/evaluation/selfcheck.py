@@ -10,11 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
 from mmdistill.adapters import build_adapter
+from mmdistill.adapters.scoring import Views
 from mmdistill.data.sources import load_split
 from mmdistill.methods.registry import METHODS, build_method
 from mmdistill.models.loading import load, max_positions
 from mmdistill.models.teachers import Teacher
-from mmdistill.adapters.scoring import Views
 
 # Options worth checking separately: each estimator is its own code path.
 VARIANTS: dict[str, list[dict]] = {"opd": [{"estimator": e} for e in ("full", "topk", "sampled")]}
@@ -57,5 +57,6 @@ def main(cfg: DictConfig, tol: float = 1e-5) -> int:
         ok = loss <= tol and grad <= tol
         bad += not ok
         print(f"{name:<18}{loss:>12.2e}{grad:>12.2e}  {'ok' if ok else 'FAIL'}")
-    print("selfcheck passed" if not bad else f"selfcheck FAILED for {bad} method(s)", file=sys.stderr if bad else sys.stdout)
+    print("selfcheck passed" if not bad else f"selfcheck FAILED for {bad} method(s)",
+          file=sys.stderr if bad else sys.stdout)
     return 1 if bad else 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-
-
 # --- statistics -----------------------------------------------------------------------------
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:

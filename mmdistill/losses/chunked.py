@@ -172,8 +172,8 @@ def token_loss(
             with torch.no_grad():
                 _record(diag_out, weight.shape, b, n, diagnostics(*[a.detach() for a in args]))
         return (weight[b, n] * values).sum()
-    return _ChunkedTokenLoss.apply(fn, prepare, chunk_size, len(targets), values_out, diagnostics, diag_out, weight.detach(), student,
-                                   *targets, *extras)
+    return _ChunkedTokenLoss.apply(fn, prepare, chunk_size, len(targets), values_out, diagnostics, diag_out,
+                                   weight.detach(), student, *targets, *extras)
 
 
 @torch.no_grad()

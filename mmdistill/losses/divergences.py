@@ -43,7 +43,8 @@ def forward_kl(lp_t: torch.Tensor, lp_s: torch.Tensor) -> torch.Tensor:
     return _kl(lp_t, lp_s)
 
 
-def entropy_and_reverse_kls(lp_s: torch.Tensor, lp_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def entropy_and_reverse_kls(lp_s: torch.Tensor,
+                            lp_targets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(entropy(lp_s), [reverse_kl(lp_s, t) for t in lp_targets]) with p_s exponentiated once:
     the same sums as the separate functions, for diagnostics over the full vocabulary."""
     absent = _absent(lp_s)
@@ -88,7 +89,8 @@ def topk_reverse_kl(
         raise ValueError(f"k must be a positive int, got {k!r}")
     k = min(k, lp_s.shape[-1])
     with torch.no_grad():
-        ids = (lp_s if index_from == "student" else lp_t).detach().topk(k, dim=-1, sorted=False).indices  # a set: its order is not needed
+        # a set: its order is not needed
+        ids = (lp_s if index_from == "student" else lp_t).detach().topk(k, dim=-1, sorted=False).indices
     s = _renormalise(lp_s.gather(-1, ids))
     t = _renormalise(lp_t.gather(-1, ids))
     return _kl(s, t)

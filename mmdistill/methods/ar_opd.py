@@ -59,7 +59,6 @@ from mmdistill.methods.base import (
     weighted_means,
 )
 
-
 NEG_INF = float("-inf")
 TOP_OVERLAP_K = 16
 
@@ -159,7 +158,8 @@ class AROPD:
         # lp = z - logsumexp(z), so log_softmax(lp / T) = log_softmax(z / T).
         return lp if self.temperature == 1.0 else torch.log_softmax(lp / self.temperature, dim=-1)
 
-    def target(self, lp_full: torch.Tensor, lp_partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def target(self, lp_full: torch.Tensor,
+               lp_partial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log_target, lF, lP) from T = 1 log-prob rows."""
         lf, lpp = self._tempered(lp_full), self._tempered(lp_partial)
         return anchored_residual_target(lf, lpp, self.lam, self.clip), lf, lpp
@@ -171,7 +171,8 @@ class AROPD:
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor, lpp: torch.Tensor) -> torch.Tensor:
         return self._divergence(ls, lt)
 
-    def _diagnostics(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor, lpp: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _diagnostics(self, ls: torch.Tensor, lt: torch.Tensor, lf: torch.Tensor,
+                     lpp: torch.Tensor) -> dict[str, torch.Tensor]:
         kl_p_pi = forward_kl(lpp, ls)
         h_s = entropy(ls)
         return {
@@ -195,5 +196,6 @@ class AROPD:
                           diagnostics=self._diagnostics, diag_out=diag, prepare=self.target)
         # Diagnostics describe the tokens that were scored, so short responses never dilute them
         # (empty_sequences="zero" is about the loss's scale only).
-        diag_weight = weight if self.empty_sequences == "exclude" else reduction_weights(kept, self.reduction).to(s.device)
+        diag_weight = (weight if self.empty_sequences == "exclude"
+                       else reduction_weights(kept, self.reduction).to(s.device))
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, diag_weight)}

@@ -209,15 +209,15 @@ def _regimes(value) -> tuple[str, ...]:
 class DOPD:
     """Dual on-policy distillation: per-token routing between teacher and self targets.
 
-    beta_l: weight of LH and HS; beta_w: weight of LL; w_ht: weight of HT (1 in the paper,
-    exposed for ablations). self_mix, hs_rejected, ht_divergence, anchor: the variants in the module
-    docstring (1.0, "self", "js", 0.0: the paper). topk: K of the top-K reverse KLs; topk_from: whose top-K ids, "student"
-    (of pi_S(.|x), both sides renormalised on them) or "teacher" (of the target side: teacher_full
-    for LH, student_priv for HS/LL). trim, threshold: see `route`. regimes: the regimes that
-    contribute (ablation: a regime left out adds nothing). chunk_size: see chunked.token_loss
-    (None = automatic). self_target: "live" (the paper: sg pi_S(.|x,p) of the current student,
-    view student_priv) or "frozen" (not in the paper: the initial student reading p, view
-    student_init_priv). It is also where q_S comes from. With the live target, a student can
+    beta_l: weight of LH and HS; beta_w: weight of LL; w_ht: weight of HT (1 in the paper, exposed
+    for ablations). self_mix, hs_rejected, ht_divergence, anchor: the variants in the module
+    docstring (1.0, "self", "js", 0.0: the paper). topk: K of the top-K reverse KLs; topk_from:
+    whose top-K ids, "student" (of pi_S(.|x), both sides renormalised on them) or "teacher" (of the
+    target side: teacher_full for LH, student_priv for HS/LL). trim, threshold: see `route`.
+    regimes: the regimes that contribute (ablation: a regime left out adds nothing). chunk_size: see
+    chunked.token_loss (None = automatic). self_target: "live" (the paper: sg pi_S(.|x,p) of the
+    current student, view student_priv) or "frozen" (not in the paper: the initial student reading
+    p, view student_init_priv). It is also where q_S comes from. With the live target, a student can
     satisfy HS and LL by ceasing to read p, after which no term corrects its HS tokens
     (docs/experiments/scenes.md); a frozen target cannot follow the student there.
     """
@@ -246,7 +246,8 @@ class DOPD:
         ht_divergence: str = "js",
         anchor: float = 0.0,
     ):
-        self.beta_l, self.beta_w, self.w_ht = _weight("beta_l", beta_l), _weight("beta_w", beta_w), _weight("w_ht", w_ht)
+        self.beta_l, self.beta_w, self.w_ht = (_weight("beta_l", beta_l), _weight("beta_w", beta_w),
+                                               _weight("w_ht", w_ht))
         if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= trim < 1.0:
             raise ValueError(f"trim must be a number in [0, 1), got {trim!r}")
         self.topk, self.trim = check_topk(topk), float(trim)
@@ -320,7 +321,8 @@ class DOPD:
             return lp
         return torch.log_softmax(self.self_mix * lp + (1.0 - self.self_mix) * lt, dim=-1)
 
-    def _terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, li: torch.Tensor, which: int) -> torch.Tensor:
+    def _terms(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, li: torch.Tensor,
+               which: int) -> torch.Tensor:
         if which == 0:
             return js(ls, lt) if self.ht_divergence == "js" else reverse_kl(ls, lt)
         if which == 3:
@@ -348,7 +350,8 @@ class DOPD:
         li, w = rest if len(rest) == 2 else (ls, rest[0])
         return sum(self._weighted_terms(ls, lt, lp, li, w))
 
-    def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _first_pass(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor,
+                    ids: torch.Tensor) -> dict[str, torch.Tensor]:
         h_s, (kl_t, kl_p) = entropy_and_reverse_kls(ls, [lt, lp])
         return {
             "log_qs": gather_at(lp, ids),
@@ -385,10 +388,13 @@ class DOPD:
         per_token = torch.zeros_like(weight)  # each token's weighted term: its regime's contribution
         if bool(active.any()):
             targets = [t, p] + ([target_logits(views, "student_init", s)] if self.anchor else [])
-            loss = token_loss(self._per_token, s, targets, active, extras=[w], chunk_size=self.chunk_size, values_out=per_token)
+            loss = token_loss(self._per_token, s, targets, active, extras=[w], chunk_size=self.chunk_size,
+                              values_out=per_token)
         else:  # an empty sum: 0, attached to the graph, whatever padding rows hold (even NaN)
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
-        contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero) for code, name in enumerate(REGIMES)}
+        contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero)
+                         for code, name in enumerate(REGIMES)}
         diag = {k: first.get(k, zero) for k in DIAGNOSTICS}
-        metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight), **weighted_means(contributions, weight)}
+        metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight),
+                   **weighted_means(contributions, weight)}
         return loss, metrics

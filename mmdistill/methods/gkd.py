@@ -33,7 +33,8 @@ from mmdistill.methods.base import (
 
 
 def _unit(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0.0 <= value <= 1.0):
         raise ValueError(f"{key} must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -80,7 +81,8 @@ class GKD:
         mask = batch.response_mask.bool().to(s.device)
         weight = reduction_weights(mask, self.reduction).to(s.device)
         diag: dict[str, torch.Tensor] = {}
-        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size, diagnostics=self._diagnostics, diag_out=diag)
+        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size, diagnostics=self._diagnostics,
+                          diag_out=diag)
         return loss, {
             "loss": float(loss.detach()),
             **weighted_means(diag, weight),

@@ -24,7 +24,6 @@ from mmdistill.methods.base import (
     weighted_means,
 )
 
-
 ESTIMATORS = ("sampled", "topk", "full")
 
 class OPD:

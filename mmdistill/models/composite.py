@@ -20,8 +20,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 from tokenizers import AddedToken
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -62,7 +62,8 @@ def _build_tower(tower: dict) -> tuple[nn.Module, dict]:
         quick_gelu = kwargs.pop("quick_gelu", cfg.get("quick_gelu", False))
         vision_cfg = {**cfg["vision_cfg"], **kwargs}
         # Only plain ViTs can hand back their tokens; timm/ResNet towers are read via forward_intermediates.
-        vision_cfg["output_tokens"] = not (vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)))
+        vision_cfg["output_tokens"] = not (vision_cfg.get("timm_model_name")
+                                           or isinstance(vision_cfg.get("layers"), (list, tuple)))
         # No cast_dtype: its fp32 LayerNorms would clash with a tower cast wholly to `dtype`.
         module = open_clip.model._build_vision_tower(embed_dim, vision_cfg, quick_gelu=quick_gelu)
         pre = PreprocessCfg()
@@ -130,7 +131,8 @@ def _load_tower_weights(tower: nn.Module, source: str, path: str | Path) -> None
         state = {k: v for k, v in state.items() if k in own or not any(k.startswith(h + ".") for h in heads)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"tower weights '{path}' do not match the tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"tower weights '{path}' do not match the tower: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     try:
         tower.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -316,16 +318,22 @@ def _assemble(spec: dict, lm: PreTrainedModel, image_token_id: int, dtype: torch
     was_training = tower.training
     try:
         with torch.no_grad():
-            tokens = _tower_tokens(tower.eval(), tower_spec["source"], torch.zeros(1, 3, size, size, device=lm.device, dtype=dtype))
+            tokens = _tower_tokens(tower.eval(), tower_spec["source"],
+                                   torch.zeros(1, 3, size, size, device=lm.device, dtype=dtype))
     except Exception as exc:
-        raise ValueError(f"tower {tower_spec['name']} fails on a {size}x{size} image (set tower.image_size?): {' '.join(str(exc).split())}") from None
+        raise ValueError(f"tower {tower_spec['name']} fails on a {size}x{size} image (set tower.image_size?): "
+                         f"{' '.join(str(exc).split())}") from None
     tower.train(was_training)
-    proj_spec = {"type": spec["projector"].get("type", "linear"), "pool_tokens": int(spec["projector"].get("pool_tokens", 0) or 0)}
+    proj_spec = {"type": spec["projector"].get("type", "linear"),
+                 "pool_tokens": int(spec["projector"].get("pool_tokens", 0) or 0)}
     if proj_spec["pool_tokens"] > tokens.shape[1]:
-        raise ValueError(f"projector.pool_tokens {proj_spec['pool_tokens']} exceeds the tower's {tokens.shape[1]} tokens")
-    projector = _build_projector(proj_spec["type"], tokens.shape[-1], lm.config.hidden_size).to(device=lm.device, dtype=dtype)
+        raise ValueError(f"projector.pool_tokens {proj_spec['pool_tokens']} exceeds the tower's "
+                         f"{tokens.shape[1]} tokens")
+    projector = _build_projector(proj_spec["type"], tokens.shape[-1],
+                                 lm.config.hidden_size).to(device=lm.device, dtype=dtype)
     config = CompositeConfig(
-        tower={"source": tower_spec["source"], "name": tower_spec["name"], "kwargs": dict(tower_spec.get("kwargs") or {}),
+        tower={"source": tower_spec["source"], "name": tower_spec["name"],
+               "kwargs": dict(tower_spec.get("kwargs") or {}),
                "image_size": size, "image_mean": pre["image_mean"], "image_std": pre["image_std"]},
         projector=proj_spec,
         text_config=lm.config,
@@ -346,7 +354,8 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def build_composite(spec: dict, tokenizer, lm: PreTrainedModel | None = None, lm_config: dict | None = None,
                     seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[CompositeVLM, "CompositeProcessor"]:
-    """spec = {"tower": {"source": "timm"|"open_clip", "name": str, "kwargs": dict, "image_size": int, "weights": str|None},
+    """spec = {"tower": {"source": "timm"|"open_clip", "name": str, "kwargs": dict, "image_size": int,
+                         "weights": str|None},
                "projector": {"type": "linear"|"mlp", "pool_tokens": int (0 = keep all tower tokens)},
                "freeze_tower": bool, "freeze_lm": bool}
 
@@ -371,7 +380,8 @@ def build_composite(spec: dict, tokenizer, lm: PreTrainedModel | None = None, lm
             lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = _assemble(spec, lm, image_token_id, dtype)
     tower = model.config.tower
-    processor = CompositeProcessor(tokenizer, model.config.num_image_tokens, tower["image_size"], tower["image_mean"], tower["image_std"])
+    processor = CompositeProcessor(tokenizer, model.config.num_image_tokens, tower["image_size"], tower["image_mean"],
+                                   tower["image_std"])
     return model, processor
 
 
@@ -393,12 +403,15 @@ class CompositeProcessor:
     def chat_template(self):
         return self.tokenizer.chat_template
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False, **kwargs) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+                            **kwargs) -> str:
         """Image parts become one IMAGE_TOKEN plus a newline; the tokenizer's template does the rest."""
         if tokenize:
-            raise ValueError("tokenize=True is not supported: call the processor on the text so image tokens are expanded")
+            raise ValueError("tokenize=True is not supported: call the processor on the text so image tokens "
+                             "are expanded")
         flat = [{**m, "content": self._flatten(m["content"])} for m in messages]
-        return self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
+        return self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                                  **kwargs)
 
     @staticmethod
     def _flatten(content) -> str:
@@ -436,7 +449,8 @@ class CompositeProcessor:
                 raise ValueError(f"text {i} has {t.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens but {len(imgs)} images")
         kwargs.setdefault("add_special_tokens", False)
         expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.num_image_tokens) for t in texts]
-        enc = self.tokenizer(expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors, **kwargs)
+        enc = self.tokenizer(expanded, padding=padding, padding_side=padding_side, return_tensors=return_tensors,
+                             **kwargs)
         flat = [self.preprocess(im) for imgs in images for im in imgs]
         pixels = torch.stack(flat) if flat else torch.zeros(0, 3, self.image_size, self.image_size)
         return BatchFeature({**enc, "pixel_values": pixels}, tensor_type=return_tensors)

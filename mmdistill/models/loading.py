@@ -17,9 +17,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mmdistill.config import REPO_ROOT
 from mmdistill.models.composite import MODEL_TYPE as COMPOSITE_TYPE
 from mmdistill.models.composite import CompositeProcessor, CompositeVLM, build_composite
-from mmdistill.config import REPO_ROOT
 
 DEFAULT_TOKENIZER = REPO_ROOT / "assets" / "tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +41,8 @@ def load_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
     dtype = DTYPES[cfg.dtype]
     if cfg.path:
         if not Path(cfg.path).exists():
-            raise FileNotFoundError(f"model path '{cfg.path}' does not exist (no hub downloads: give a local directory)")
+            raise FileNotFoundError(f"model path '{cfg.path}' does not exist "
+                                    "(no hub downloads: give a local directory)")
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
@@ -93,15 +94,18 @@ def load(cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, Any]:
                                                       trust_remote_code=cfg.trust_remote_code)
         else:
             lm = load_model(cfg, tok, seed)
-        spec = {"tower": OmegaConf.to_container(cfg.vision.tower), "projector": {"type": cfg.vision.projector, "pool_tokens": cfg.vision.pool_tokens},
+        spec = {"tower": OmegaConf.to_container(cfg.vision.tower),
+                "projector": {"type": cfg.vision.projector, "pool_tokens": cfg.vision.pool_tokens},
                 "freeze_tower": cfg.vision.freeze_tower, "freeze_lm": cfg.vision.freeze_lm}
         return build_composite(spec, tok, lm=lm, seed=seed, dtype=DTYPES[cfg.dtype])
     if kind == "composite":
-        return CompositeVLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype]), CompositeProcessor.from_pretrained(cfg.path)
+        return (CompositeVLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype]),
+                CompositeProcessor.from_pretrained(cfg.path))
     proc = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     if proc.tokenizer.pad_token_id is None:
         proc.tokenizer.pad_token = proc.tokenizer.eos_token
-    model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype],
+                                                        trust_remote_code=cfg.trust_remote_code)
     return model, proc
 
 

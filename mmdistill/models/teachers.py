@@ -21,7 +21,8 @@ class Teacher:
     step); "live": the student itself, scored under no_grad.
     """
 
-    def __init__(self, mode: str, student: torch.nn.Module, model: torch.nn.Module | None = None, ema_decay: float = 0.99):
+    def __init__(self, mode: str, student: torch.nn.Module, model: torch.nn.Module | None = None,
+                 ema_decay: float = 0.99):
         self.mode, self.ema_decay = mode, ema_decay
         if mode == "model":
             if model is None:

@@ -7,9 +7,23 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from mmdistill.reporting.tables import CONTINUAL_FILE, EVAL_DIR, MISSING, REFERENCES, ReportError, SEED_SUFFIX, pct, signed_pct, splits_of, markdown_table, read_eval, split_accuracy, split_order
-from mmdistill.reporting.continual import mean_or_none, stage_names, continual_metrics, read_continual
 
+from mmdistill.reporting.continual import continual_metrics, mean_or_none, read_continual, stage_names
+from mmdistill.reporting.tables import (
+    CONTINUAL_FILE,
+    EVAL_DIR,
+    MISSING,
+    REFERENCES,
+    SEED_SUFFIX,
+    ReportError,
+    markdown_table,
+    pct,
+    read_eval,
+    signed_pct,
+    split_accuracy,
+    split_order,
+    splits_of,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Several runs side by side
@@ -192,7 +206,8 @@ def _continual_table(rows: list[Row]) -> str | None:
         lines.append([row.name, str(len(found)), stages, *cells])
     if not lines:
         return None
-    return markdown_table(["run", "runs", "stages", "ACC %", "BWT pp", "FWT pp", "forgetting pp"], lines, align="lrlrrrr")
+    return markdown_table(["run", "runs", "stages", "ACC %", "BWT pp", "FWT pp", "forgetting pp"], lines,
+                          align="lrlrrrr")
 
 
 def _dedupe(run_dirs: Sequence[str | Path]) -> list[Path]:

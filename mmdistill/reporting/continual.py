@@ -5,8 +5,17 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from mmdistill.reporting.tables import MISSING, ReportError, atomic_write, is_number, pct, read_json, signed_pct, markdown_table
 
+from mmdistill.reporting.tables import (
+    MISSING,
+    ReportError,
+    atomic_write,
+    is_number,
+    markdown_table,
+    pct,
+    read_json,
+    signed_pct,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Continual learning

@@ -8,7 +8,6 @@ import re
 from typing import Callable
 
 
-
 class ReasoningGymError(ValueError):
     """The package is missing, or an entry it made does not check out (its worked solution does
     not reach its answer): one line, so a converter can name the record."""
@@ -116,7 +115,8 @@ def _rg_base_conversion(entry: dict) -> tuple[str, str]:
     if result != str(entry["answer"]):
         raise ReasoningGymError(f"base_conversion: got {result!r}, answer {entry['answer']!r}")
     steps.append(f"Reading the remainders from last to first: {result}")
-    hint = f"First convert {src} from base {sb} to base 10, then divide by {tb} repeatedly and read the remainders backwards."
+    hint = (f"First convert {src} from base {sb} to base 10, then divide by {tb} repeatedly "
+            "and read the remainders backwards.")
     return hint, "\n".join(steps)
 
 

@@ -97,12 +97,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
 
 
-def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream, backend: Backend | None = None) -> int:
+def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, stream,
+                    backend: Backend | None = None) -> int:
     backend = backend or DataParallel()
     path = Path(path)
     rank_file = _rank_file(path, backend.rank)
     if not rank_file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no state for rank {backend.rank} (was it written by fewer processes?)")
+        raise FileNotFoundError(f"checkpoint {path} has no state for rank {backend.rank} "
+                                "(was it written by fewer processes?)")
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     backend.load_state(path, backend.unwrap(student), optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -71,7 +71,8 @@ class RolloutLog:
                 "response": self.adapter.tok.decode(ids[mask].tolist(), skip_special_tokens=True),
                 "on_policy": batch.on_policy,
             }
-            images = sample.get("image_paths") or ([sample["source"]] if sample.get("images") and sample.get("source") else None)
+            images = sample.get("image_paths") or ([sample["source"]] if sample.get("images") and sample.get("source")
+                                                   else None)
             if images:
                 row["images"] = images
             self._file.write(json.dumps(row, default=str) + "\n")

@@ -58,7 +58,8 @@ class Run:
 
 
 def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
-    set_seed(cfg.train.seed, device_specific=True)  # ranks sample differently; weights start equal (seeded init, DDP broadcast)
+    # ranks sample differently; weights start equal (seeded init, DDP broadcast)
+    set_seed(cfg.train.seed, device_specific=True)
     run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     method = build_method(cfg.method.name, **method_options(cfg))
@@ -80,16 +81,18 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
     stages = stages_of(cfg)
-    stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index, accelerator.num_processes)
+    stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                          accelerator.num_processes)
     test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
     optimizer = backend.build_optimizer([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                         betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * stream.ends[-1]), stream.ends[-1])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * stream.ends[-1]),
+                                                stream.ends[-1])
     # The frozen teacher is never wrapped: it stays in eval mode, whole on every device unless
     # train.fsdp_teacher sharded it above. The scheduler steps once per optimizer step, by us.
     student, optimizer = backend.prepare(student, optimizer)
-    run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher, init,
-              adapter, stages, stream, test, optimizer, scheduler)
+    run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher,
+              init, adapter, stages, stream, test, optimizer, scheduler)
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
         run.start = load_checkpoint(resume_from, **run.checkpointed())

@@ -30,12 +30,14 @@ def train_step(run: Run, step: int) -> dict | None:
     if not fetched:
         return None
     timing: dict[str, float] = {}
-    sampled = _fit_step_statistics(run, step, fetched, timing) if getattr(run.method, "step_statistics", False) else None
+    sampled = (_fit_step_statistics(run, step, fetched, timing) if getattr(run.method, "step_statistics", False)
+               else None)
     parts: dict[str, float] = {}
     tokens, lengths, distinct = 0, [], 0.0
     for i, samples in enumerate(fetched):
         batch, views = sampled[i] if sampled else _sample(run, step, samples, timing)
-        metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched), timing=timing)
+        metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched),
+                                     timing=timing)
         for k, v in metrics.items():
             parts[k] = parts.get(k, 0.0) + v / len(fetched)
         tokens += batch.num_tokens
@@ -56,7 +58,8 @@ def _sample(run: Run, step: int, samples: list[dict], timing: dict[str, float]) 
     """A micro-batch's responses and the (lazy) views of them."""
     with timed(timing, "time_rollout"):
         on_policy = draw_on_policy(run.method)
-        batch = run.adapter.rollout(run.plain, samples, run.cfg.rollout) if on_policy else run.adapter.oracle_batch(samples)
+        batch = (run.adapter.rollout(run.plain, samples, run.cfg.rollout) if on_policy
+                 else run.adapter.oracle_batch(samples))
     run.rollouts.log(step, batch)
     views = Views(run.adapter, batch, run.student, run.teacher.model if run.teacher else None, run.method.views,
                   run.cfg.train.share_prefix, init=run.init)
@@ -113,7 +116,8 @@ def _fetch(stream, n: int) -> list[list[dict]]:
 def _row(run: Run, parts: dict, lr: float, grad_norm: float, tokens: int, lengths: list[int], seconds: float,
          timing: dict[str, float]) -> dict:
     accelerator = run.accelerator
-    parts = dict(zip(parts, accelerator.reduce(torch.tensor(list(parts.values()), device=accelerator.device), "mean").tolist()))
+    parts = dict(zip(parts, accelerator.reduce(torch.tensor(list(parts.values()), device=accelerator.device),
+                                               "mean").tolist()))
     sums = accelerator.reduce(torch.tensor([tokens, len(lengths), sum(lengths)], device=accelerator.device), "sum")
     tokens, n_seq, len_sum = sums.tolist()
     bad = int(accelerator.reduce(torch.tensor(run.stream.bad_samples, device=accelerator.device), "sum"))

@@ -30,7 +30,8 @@ class Stopped(Exception):
 
 def _newest(run_dir: Path) -> str:
     newest = list_checkpoints(run_dir)
-    return f"the newest checkpoint is {newest[-1]} (train.resume=auto continues from it)" if newest else "no checkpoint yet"
+    return (f"the newest checkpoint is {newest[-1]} (train.resume=auto continues from it)" if newest
+            else "no checkpoint yet")
 
 
 def stop_if_not_finite(accelerator, step: int, loss: torch.Tensor, run_dir: Path) -> None:
@@ -38,8 +39,8 @@ def stop_if_not_finite(accelerator, step: int, loss: torch.Tensor, run_dir: Path
     bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=accelerator.device))
     ranks = [r for r, b in enumerate(bad.tolist()) if b]
     if ranks:
-        raise FloatingPointError(f"step {step}: the loss is not finite on rank(s) {ranks} (this rank's: {loss.item()}); "
-                                 f"the step was not applied; {_newest(run_dir)}")
+        raise FloatingPointError(f"step {step}: the loss is not finite on rank(s) {ranks} "
+                                 f"(this rank's: {loss.item()}); the step was not applied; {_newest(run_dir)}")
 
 
 class SignalStop:

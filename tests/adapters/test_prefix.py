@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
+from mmdistill.adapters.prefix import can_share, score_views, shared_lengths
+from mmdistill.adapters.scoring import Views
 from mmdistill.adapters.text import TextAdapter
 from mmdistill.core.batch import Batch
-from mmdistill.models.loading import load_model, set_checkpointing
-from mmdistill.adapters.prefix import can_share, score_views, shared_lengths
-from mmdistill.tasks.arith import make_samples
-from mmdistill.models.teachers import frozen_copy
-from mmdistill.adapters.scoring import Views
 from mmdistill.core.views import VIEW_SPEC
+from mmdistill.models.loading import load_model, set_checkpointing
+from mmdistill.models.teachers import frozen_copy
+from mmdistill.tasks.arith import make_samples
 from tests.helpers import rollout_cfg
 
 ALL = tuple(VIEW_SPEC)
@@ -128,7 +128,8 @@ def test_models_that_cannot_share_fall_back(setup):
         assert "student_prefix" not in views.seconds
     finally:
         set_checkpointing(student, False)
-    assert score_views(adapter, teacher, batch, ["full"], [False], "teacher") == (None, {})  # one view: nothing to share
+    # one view: nothing to share
+    assert score_views(adapter, teacher, batch, ["full"], [False], "teacher") == (None, {})
 
 
 def test_rollouts_of_one_prompt_share_its_prefix_even_in_a_one_view_group(setup):

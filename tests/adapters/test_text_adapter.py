@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
+from mmdistill.adapters.scoring import Views
 from mmdistill.adapters.text import (
     ContextTooLong,
     TemplateError,
@@ -16,11 +17,10 @@ from mmdistill.adapters.text import (
     left_pad,
     response_mask,
 )
-from mmdistill.core.batch import Batch
 from mmdistill.config import load_config
+from mmdistill.core.batch import Batch
 from mmdistill.models.loading import check_same_vocab, load_model
 from mmdistill.tasks.arith import make_samples
-from mmdistill.adapters.scoring import Views
 from tests.helpers import rollout_cfg
 
 
@@ -94,7 +94,10 @@ def brute_cut_release(text, ratio):
     t = text.strip()
     if ratio >= 1.0 or len(re.findall(r"\S+", t)) <= 2:
         return t
-    word = lambda c: c.isalnum() or c in "_\\"
+
+    def word(c):
+        return c.isalnum() or c in "_\\"
+
     n = max(1, math.ceil(ratio * len(t)))
     ends = [k for k in range(1, len(t) + 1) if k == len(t) or not (word(t[k - 1]) and word(t[k]))]
     return t[: min(k for k in ends if k >= n)].rstrip()
@@ -188,7 +191,8 @@ def test_privileged_prompts(adapter, samples):
 
 def test_messages_and_system(adapter):
     s = {"id": "m", "system": "Be brief.", "hint": "h1",
-         "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}
+         "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]}
     full = adapter.messages(s, "full")
     assert full[0] == {"role": "system", "content": "Be brief."}
     assert full[1]["content"] == "a" and full[3]["content"] == "c\nHint: h1"  # spliced into the LAST user turn
@@ -216,10 +220,12 @@ def test_template_dropping_privileged_text_is_caught(tok, cfg):
 
 def test_broken_chat_templates(tok):
     t = tok.__class__.from_pretrained(tok.name_or_path)
-    t.chat_template = tok.chat_template.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\nSure! {% endif %}")
+    t.chat_template = tok.chat_template.replace("<|im_start|>assistant\n{% endif %}",
+                                                "<|im_start|>assistant\nSure! {% endif %}")
     with pytest.raises(TemplateError, match="not where the rendered assistant turn begins"):
         check_template(t)
-    t.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    t.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(TemplateError):
         check_template(t)
     check_template(tok)
@@ -367,8 +373,8 @@ def test_partial_cut_setting_reaches_the_partial_view(tok, cfg):
     s = {"id": "c", "prompt": "Q?", "reasoning": "x = 3.14159 and more", "answer": "7"}
     views = {}
     for rule in ("whitespace", "release"):
-        priv = OmegaConf.merge(cfg.privileged, {"text": "{reasoning}", "partial_field": "reasoning", "partial_ratio": 0.3,
-                                                "partial_cut": rule})
+        priv = OmegaConf.merge(cfg.privileged, {"text": "{reasoning}", "partial_field": "reasoning",
+                                                "partial_ratio": 0.3, "partial_cut": rule})
         ad = TextAdapter(tok, priv, 128)
         views[rule] = ad.messages(s, "partial")[0]["content"]
         assert ad.messages(s, "full")[0]["content"] == "Q?\nHint: x = 3.14159 and more"
@@ -402,7 +408,8 @@ def test_ar_opd_release_preset_renders_the_releases_prompts(tok):
         assert 0 < len(partial) < len(s["reasoning"])
         cut_differs += partial != cut_prefix(s["reasoning"], 0.5)
         texts = [ad.prompt_texts([s], lvl)[0] for lvl in (None, "full", "partial")]  # through the chat template
-        assert "<reasoning>" not in texts[0] and f"<answer>\n{s['answer']}\n</answer>" in texts[1] and texts[1] != texts[2]
+        assert ("<reasoning>" not in texts[0] and f"<answer>\n{s['answer']}\n</answer>" in texts[1]
+                and texts[1] != texts[2])
     assert cut_differs  # the release's rule, not mmdistill's default, made the partial views
 
 

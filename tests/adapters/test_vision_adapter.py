@@ -8,17 +8,17 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from mmdistill.adapters import VisionAdapter, build_adapter
-from mmdistill.adapters.text import TemplateError, response_mask
-from mmdistill.data.boxes import boxes_text, draw_boxes, partial_boxes
-from mmdistill.core.batch import Batch
-from mmdistill.models.composite import build_composite
-from mmdistill.config import load_config
-from mmdistill.methods.registry import build_method
-from mmdistill.models.loading import check_same_vocab, load_tokenizer
-from mmdistill.tasks.scenes import make_samples
 from mmdistill.adapters.scoring import Views
+from mmdistill.adapters.text import TemplateError, response_mask
+from mmdistill.config import load_config
+from mmdistill.core.batch import Batch
 from mmdistill.core.views import VIEW_SPEC
+from mmdistill.data.boxes import boxes_text, draw_boxes, partial_boxes
+from mmdistill.methods.registry import build_method
+from mmdistill.models.composite import build_composite
+from mmdistill.models.loading import check_same_vocab, load_tokenizer
 from mmdistill.models.tiny import FAMILIES, build_model, build_processor
+from mmdistill.tasks.scenes import make_samples
 from tests import helpers
 
 TIMM_TOWER = {"source": "timm", "name": "vit_tiny_patch16_224", "image_size": 32,
@@ -35,7 +35,8 @@ def _composite(name: str, seed: int):
 
     tok = load_tokenizer(cfg.student)
     lm = load_model(cfg.student, tok, seed=seed)
-    spec = {"tower": COMPOSITES[name], "projector": {"type": "mlp", "pool_tokens": 0}, "freeze_tower": False, "freeze_lm": False}
+    spec = {"tower": COMPOSITES[name], "projector": {"type": "mlp", "pool_tokens": 0}, "freeze_tower": False,
+            "freeze_lm": False}
     return build_composite(spec, tok, lm=lm, seed=seed)
 
 
@@ -97,7 +98,8 @@ def test_every_view_scored_aligned_and_one_step_of_each_method(pair, samples):
     torch.manual_seed(1)
     batch = ad.rollout(student, samples, rollout_cfg())
     assert batch.response_ids.shape[0] == len(samples)
-    views = Views(ad, batch, student, teacher, tuple(VIEW_SPEC), init=student)  # the initial student: the student, untrained
+    # the initial student: the student, untrained
+    views = Views(ad, batch, student, teacher, tuple(VIEW_SPEC), init=student)
     shape = (*batch.response_ids.shape, ad.vocab_size)
     for view in VIEW_SPEC:
         with torch.no_grad() if view != "student" else torch.enable_grad():
@@ -153,8 +155,10 @@ def test_views_showing_the_same_images_share_their_prefix(pair, samples):
         for view in wanted:
             assert torch.allclose(shared[view][m], alone[view][m], atol=1e-4), (name, view)
         params = [p for p in student.parameters() if p.requires_grad]
-        ga = torch.autograd.grad(shared["student"][m].float().log_softmax(-1).max(-1).values.sum(), params, allow_unused=True)
-        gb = torch.autograd.grad(alone["student"][m].float().log_softmax(-1).max(-1).values.sum(), params, allow_unused=True)
+        ga = torch.autograd.grad(shared["student"][m].float().log_softmax(-1).max(-1).values.sum(), params,
+                                 allow_unused=True)
+        gb = torch.autograd.grad(alone["student"][m].float().log_softmax(-1).max(-1).values.sum(), params,
+                                 allow_unused=True)
     finally:
         student.eval()
     for a, b in zip(ga, gb):
@@ -162,7 +166,8 @@ def test_views_showing_the_same_images_share_their_prefix(pair, samples):
         if a is not None:
             assert torch.allclose(a, b, atol=1e-4), name
     if name in COMPOSITES:
-        assert any(a is not None and a.abs().sum() > 0 for a in ga[: len(list(student.tower.parameters()))])  # the tower learns through the cache
+        # the tower learns through the cache
+        assert any(a is not None and a.abs().sum() > 0 for a in ga[: len(list(student.tower.parameters()))])
     assert ({"student_prefix", "teacher_prefix"} <= set(shared.seconds)) == (name in SHARES_IMAGES), name
 
 
@@ -170,7 +175,8 @@ def test_student_priv_equals_student_with_empty_hint_and_same_image(pair, sample
     name, student, proc, _, _ = pair
     empty = [dict(s, boxes=[], hint="") for s in samples]
     for source in ("student", "draw", "auto"):
-        ad = VisionAdapter(proc, OmegaConf.merge(priv_cfg(source=source), {"text": "{hint}", "partial_field": "hint"}), 0)
+        ad = VisionAdapter(proc, OmegaConf.merge(priv_cfg(source=source), {"text": "{hint}", "partial_field": "hint"}),
+                           0)
         torch.manual_seed(2)
         batch = ad.rollout(student, empty, rollout_cfg())
         views = Views(ad, batch, student, None)
@@ -273,15 +279,16 @@ def test_train_hf_vlm_student_with_a_teacher_of_another_family(tmp_path):
     import json
 
     from mmdistill.models.loading import load, model_kind
-    from mmdistill.training.loop import train
     from mmdistill.models.tiny import save_family
+    from mmdistill.training.loop import train
 
     student_dir = save_family("smolvlm", tmp_path / "student", seed=0)
     teacher_dir = save_family("qwen2_vl", tmp_path / "teacher", seed=1)
     assert model_kind(student_dir) == model_kind(teacher_dir) == "vlm"
     cfg = load_config("tiny_vlm", [
         f"student.path={student_dir}", "student.vision.tower.name=", f"teacher.model.path={teacher_dir}",
-        "teacher.model.vision.tower.name=", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "eval.num_samples=2",
+        "teacher.model.vision.tower.name=", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+        "eval.num_samples=2",
     ])
     run = train(cfg)
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from mmdistill.adapters.text import CUT_RULES, cut_prefix
 from mmdistill.config import (
     CONFIG_DIR,
     REPO_ROOT,
@@ -15,7 +16,6 @@ from mmdistill.config import (
     load_config,
     method_options,
 )
-from mmdistill.adapters.text import CUT_RULES, cut_prefix
 from mmdistill.config.validation import CHOICES
 from mmdistill.losses.chunked import EMPTY_SEQUENCES
 from mmdistill.losses.divergences import JSD_SCALES
@@ -146,17 +146,20 @@ def test_reference_fidelity_options_accept_exactly_what_the_library_does():
         opts = method_options(load_config(None, ["method=ar_opd", f"method.ar_opd.empty_sequences={empty}"]))
         assert build_method("ar_opd", **opts).empty_sequences == empty
     cfg = load_config()
-    assert (cfg.privileged.partial_cut, cfg.method.gkd.jsd_scale, cfg.method.ar_opd.jsd_scale,
-            cfg.method.ar_opd.empty_sequences, cfg.method.ar_opd.lam) == ("whitespace", "continuous", "continuous", "exclude", 0.8)
+    assert ((cfg.privileged.partial_cut, cfg.method.gkd.jsd_scale, cfg.method.ar_opd.jsd_scale,
+             cfg.method.ar_opd.empty_sequences, cfg.method.ar_opd.lam)
+            == ("whitespace", "continuous", "continuous", "exclude", 0.8))
 
 
 def test_ar_opd_release_preset_sets_the_releases_choices():
     cfg = load_config("ar_opd_release")
     assert cfg.method.name == "ar_opd"
-    assert method_options(cfg) == {"lam": 0.8, "clip": 5.0, "alpha": 0.0, "skip": 3, "temperature": 1.0, "reduction": "seq",
-                                   "jsd_scale": "unscaled", "empty_sequences": "zero", "chunk_size": None}
+    assert method_options(cfg) == {"lam": 0.8, "clip": 5.0, "alpha": 0.0, "skip": 3, "temperature": 1.0,
+                                   "reduction": "seq", "jsd_scale": "unscaled", "empty_sequences": "zero",
+                                   "chunk_size": None}
     assert (cfg.teacher.mode, cfg.teacher.ema_decay) == ("ema", 0.99)
-    assert (cfg.privileged.partial_field, cfg.privileged.partial_ratio, cfg.privileged.partial_cut) == ("reasoning", 0.5, "release")
+    assert (cfg.privileged.partial_field, cfg.privileged.partial_ratio,
+            cfg.privileged.partial_cut) == ("reasoning", 0.5, "release")
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.num_rollouts) == (1.0, 1.0, 1)
     assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.grad_clip, cfg.optim.weight_decay) == (2e-5, 0.1, 1.0, 0.0)
 

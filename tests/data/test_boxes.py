@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmdistill.data.boxes import PARTIAL_MODES, boxes_text, check_boxes, draw_boxes, load_image, normalised, partial_boxes
+from mmdistill.data.boxes import (
+    PARTIAL_MODES,
+    boxes_text,
+    check_boxes,
+    draw_boxes,
+    load_image,
+    normalised,
+    partial_boxes,
+)
 
 WHERE = "sample 'scenes-train-3' images[0]"
 

@@ -15,8 +15,8 @@ from mmdistill.data.convert.common import BadRecords, ConvertError
 from mmdistill.data.convert.hf_disk import parse_mapping
 from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 from mmdistill.data.convert.scenes import HELD_OUT_COMBOS, SuiteSizes, write_scenes_suite
-from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS, reasoning_gym_score
 from mmdistill.data.shards import iter_samples, read_manifest
+from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS, reasoning_gym_score
 from tests.helpers import write_lines
 
 
@@ -39,7 +39,8 @@ SHAREGPT = {"id": "sg-1", "conversations": [
     {"from": "system", "value": "Be brief."},
     {"from": "human", "value": "<image>\nWhat colour is the square?"},
     {"from": "gpt", "value": "The square is red.\nAnswer: red"}],
-    "image": "imgs/a.png", "hint": "Look at the square.", "boxes": [{"label": "square", "box": [1, 1, 5, 5], "image": 0}]}
+    "image": "imgs/a.png", "hint": "Look at the square.",
+    "boxes": [{"label": "square", "box": [1, 1, 5, 5], "image": 0}]}
 OPENAI = {"messages": [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4"},
@@ -84,10 +85,14 @@ def test_chat_jsonl_image_root(tmp_path):
 
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", r"bad\.jsonl:2: not valid JSON"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"bad\.jsonl:2: needs a user turn then a final assistant turn"),
-    (json.dumps({"conversations": [{"from": "alien", "value": "x"}]}), r"bad\.jsonl:2: turn 0 has unknown role 'alien'"),
-    (json.dumps({"id": "a", "messages": OPENAI["messages"]}), r"bad\.jsonl:2: duplicate id 'a' .*first at .*bad\.jsonl:1"),
-    (json.dumps({"messages": OPENAI["messages"], "answer": [1]}), r"bad\.jsonl:2: .*'answer' must be a string or number"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+     r"bad\.jsonl:2: needs a user turn then a final assistant turn"),
+    (json.dumps({"conversations": [{"from": "alien", "value": "x"}]}),
+     r"bad\.jsonl:2: turn 0 has unknown role 'alien'"),
+    (json.dumps({"id": "a", "messages": OPENAI["messages"]}),
+     r"bad\.jsonl:2: duplicate id 'a' .*first at .*bad\.jsonl:1"),
+    (json.dumps({"messages": OPENAI["messages"], "answer": [1]}),
+     r"bad\.jsonl:2: .*'answer' must be a string or number"),
 ])
 def test_chat_jsonl_bad_record_named_or_counted(tmp_path, capsys, bad_line, message):
     good = {"id": "a", "messages": OPENAI["messages"]}
@@ -133,7 +138,8 @@ def test_llava_json(tmp_path):
                  "--max-count", "2"]) == 0
     assert len(read_manifest(out)["shards"]) == 2
     cat, dog, text = read_back(out)
-    assert cat["messages"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
+    assert cat["messages"] == [{"role": "user",
+                                "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]}]
     assert cat["response"] == cat["answer"] == "A cat." and cat["images"][0].size == (20, 10)
     assert dog["messages"][0] == {"role": "user", "content": "Describe it."}
     assert dog["messages"][2]["content"] == [{"type": "text", "text": "Look again:"}, {"type": "image"},
@@ -166,12 +172,15 @@ def test_parse_mapping():
 
 
 def test_hf_disk_and_parquet(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="the 'datasets' package is not installed (pip install 'mmdistill[data]')")
-    features = datasets.Features({"question": datasets.Value("string"), "label": datasets.ClassLabel(names=["no", "yes"]),
+    datasets = pytest.importorskip("datasets",
+                                   reason="the 'datasets' package is not installed (pip install 'mmdistill[data]')")
+    features = datasets.Features({"question": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"]),
                                   "image": datasets.Image(), "why": datasets.Value("string")})
     images = [Image.new("RGB", (8 + i, 8), (40 * i, 0, 0)) for i in range(3)]
     ds = datasets.Dataset.from_dict({"question": [f"Is {i} even?" for i in range(3)], "label": [1, 0, 1],
-                                     "image": images, "why": ["0 % 2 == 0", "1 % 2 == 1", "2 % 2 == 0"]}, features=features)
+                                     "image": images, "why": ["0 % 2 == 0", "1 % 2 == 1", "2 % 2 == 0"]},
+                                    features=features)
     ds.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "dict"))
     (tmp_path / "pq").mkdir()
@@ -191,7 +200,8 @@ def test_hf_disk_and_parquet(tmp_path):
 
 
 def test_reasoning_gym_tasks_with_solutions(tmp_path):
-    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    pytest.importorskip("reasoning_gym",
+                        reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     assert 3 <= len(REASONING_GYM_WITH_SOLUTIONS) <= 5
     out = tmp_path / "rg"
     assert main(["reasoning-gym", "--n", "5", "--seed", "3", "--out", str(out), "--stage", "1"]) == 0
@@ -208,7 +218,8 @@ def test_reasoning_gym_tasks_with_solutions(tmp_path):
 
 def test_reasoning_gym_task_config_from_the_command_line(tmp_path, capsys):
     """--set KEY=VALUE reaches the task's reasoning-gym config (here: one-digit, two-term sums)."""
-    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    pytest.importorskip("reasoning_gym",
+                        reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     out = tmp_path / "easy"
     args = ["reasoning-gym", "--tasks", "chain_sum", "--n", "8", "--out", str(out)]
     assert main([*args, "--set", "min_digits=1", "--set", "max_digits=1", "--set", "min_terms=2",
@@ -224,7 +235,8 @@ def test_reasoning_gym_task_config_from_the_command_line(tmp_path, capsys):
 
 
 def test_reasoning_gym_splits_and_other_tasks():
-    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    pytest.importorskip("reasoning_gym",
+                        reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     train = {s["prompt"] for s in from_reasoning_gym("chain_sum", 60, seed=0, split="train")}
     test = {s["prompt"] for s in from_reasoning_gym("chain_sum", 20, seed=0, split="test")}
     assert len(train) == 60 and len(test) == 20 and not train & test
@@ -249,9 +261,11 @@ def test_scenes_suite_layout(tmp_path):
     out = tmp_path / "suite"
     assert main(["scenes-suite", "--out", str(out), "--seed", "1", "--n-train", "24", "--n-test", "8", "--n-ood", "8",
                  "--n-cl-train", "6", "--n-cl-test", "4"]) == 0
-    parts = ["train", "test", "ood_objects", "ood_combos"] + [f"cl_stage{k}/{s}" for k in (1, 2, 3) for s in ("train", "test")]
+    parts = (["train", "test", "ood_objects", "ood_combos"]
+             + [f"cl_stage{k}/{s}" for k in (1, 2, 3) for s in ("train", "test")])
     assert json.loads((out / "suite.json").read_text())["parts"] == {
-        p: {"train": 24, "test": 8}.get(p, 8 if p.startswith("ood") else 6 if p.endswith("train") else 4) for p in parts}
+        p: {"train": 24, "test": 8}.get(p, 8 if p.startswith("ood") else 6 if p.endswith("train") else 4)
+        for p in parts}
     data = {p: read_back(out / p) for p in parts}
     assert {s["split"] for s in data["train"]} == {"train"} and {s["split"] for s in data["test"]} == {"test"}
     assert all(s["checker"] == "scenes" and s["domain"] == "scenes" for p in parts for s in data[p])
@@ -298,7 +312,8 @@ def test_existing_shards_need_overwrite(tmp_path, chat_file, capsys):
 
 
 def test_hf_messages_and_image_lists(tmp_path):
-    datasets = pytest.importorskip("datasets", reason="the 'datasets' package is not installed (pip install 'mmdistill[data]')")
+    datasets = pytest.importorskip("datasets",
+                                   reason="the 'datasets' package is not installed (pip install 'mmdistill[data]')")
     rows = {"messages": [[{"role": "system", "content": "Terse."}, {"role": "user", "content": "Same size?"},
                           {"role": "assistant", "content": "Answer: no"}],
                          [{"role": "user", "content": "Same size?"}, {"role": "assistant", "content": "Answer: yes"}]],

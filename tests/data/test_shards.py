@@ -12,8 +12,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from mmdistill.data.boxes import load_image
 from mmdistill.data import shards
+from mmdistill.data.boxes import load_image
 from mmdistill.data.shards import SCHEMA, ShardError, ShardWriter, decode_sample, encode_sample, iter_shard
 from mmdistill.tasks import scenes
 

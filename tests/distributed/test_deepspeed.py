@@ -35,15 +35,18 @@ def test_mmdistills_batch_accumulation_and_clipping_are_written_into_deepspeeds_
     zero.configure(plugin(zero_stage=3, zero3_init_flag=False), cfg, num_processes=2)  # ZeRO-3, models built whole
     for stage in (1, 2, 3):  # CPU offload of the optimizer state at any stage, of the parameters at 3
         zero.configure(plugin(zero_stage=stage, offload_optimizer_device="cpu",
-                              offload_param_device="cpu" if stage == 3 else "none", zero3_init_flag=False), cfg, num_processes=2)
+                              offload_param_device="cpu" if stage == 3 else "none", zero3_init_flag=False), cfg,
+                       num_processes=2)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(zero_stage=3, zero3_init_flag=True), "zero3_init_flag=true: mmdistill builds its models whole"),
     (dict(zero_stage=0), "zero_stage=0: stage 0 shards nothing; use configs/accelerate/ddp.yaml"),
-    (dict(zero_stage=2, offload_optimizer_device="nvme"), "offload_optimizer_device=nvme: mmdistill offloads to the CPU only"),
+    (dict(zero_stage=2, offload_optimizer_device="nvme"),
+     "offload_optimizer_device=nvme: mmdistill offloads to the CPU only"),
     (dict(zero_stage=3, offload_param_device="nvme"), "offload_param_device=nvme"),
-    (dict(zero_stage=2, offload_param_device="cpu"), "offload_param_device=cpu: parameters are offloaded at zero_stage 3 only"),
+    (dict(zero_stage=2, offload_param_device="cpu"),
+     "offload_param_device=cpu: parameters are offloaded at zero_stage 3 only"),
     (dict(hf_ds_config={"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}), "mixed_precision=fp16"),
 ])
 def test_what_mmdistill_cannot_honour_is_refused_by_key(kwargs, message):

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mmdistill.config import load_config
-from mmdistill.models.loading import load
 from mmdistill.distributed.fsdp import shard
 from mmdistill.distributed.gather import full_parameters, whole_items
+from mmdistill.models.loading import load
 from mmdistill.models.weights import is_sharded, synced_generation
 
 
@@ -33,7 +33,8 @@ def test_fsdp_in_one_process_is_a_config_error(tmp_path):
 
 # What `accelerate launch` puts in the environment for an FSDP config file (accelerate/utils/launch.py).
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
-             "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
+             "FSDP_SHARDING_STRATEGY": "FULL_SHARD", "FSDP_OFFLOAD_PARAMS": "false",
+             "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -42,7 +43,8 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_A
     ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, (True, True)),
     # FSDP1 files name a strategy, in the new key or (older files) in fsdp_sharding_strategy
     ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "shard_grad_op"}, (False, False)),
-    ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "full_shard", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, (True, False)),
+    ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "full_shard", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"},
+     (True, False)),
     ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, (False, False)),
     ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "2"}, (False, False)),
     ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "1"}, (True, False)),
@@ -56,7 +58,8 @@ def test_an_accelerate_fsdp_file_maps_onto_mmdistills_fsdp2(changes, expected):
 
 @pytest.mark.parametrize("changes, message", [
     ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params=true: CPU offload is not supported"),
-    ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, "NO_SHARD: nothing is sharded: use configs/accelerate/ddp.yaml"),
+    ({"FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "NO_SHARD"},
+     "NO_SHARD: nothing is sharded: use configs/accelerate/ddp.yaml"),
     ({"FSDP_VERSION": "1", "FSDP_RESHARD_AFTER_FORWARD": "hybrid_shard"}, "HYBRID_SHARD: hybrid"),
     ({"FSDP_RESHARD_AFTER_FORWARD": "maybe"}, "fsdp_reshard_after_forward='MAYBE'"),
 ])
@@ -88,7 +91,8 @@ def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunche
     path = tmp_path / "default_config.yaml"
     monkeypatch.setattr(accel_config, "default_config_file", str(path))
     assert _default_launch() is None  # no file
-    base = "compute_environment: LOCAL_MACHINE\nmachine_rank: 0\nnum_machines: 1\nmixed_precision: 'no'\nuse_cpu: false\n"
+    base = ("compute_environment: LOCAL_MACHINE\nmachine_rank: 0\nnum_machines: 1\nmixed_precision: 'no'\n"
+            "use_cpu: false\n")
     path.write_text(base + "distributed_type: 'NO'\nnum_processes: 1\n")
     assert _default_launch() is None  # one process: train here
     path.write_text(base + "distributed_type: MULTI_GPU\nnum_processes: 2\n")
@@ -97,7 +101,8 @@ def test_the_default_accelerate_config_decides_whether_mmdistill_train_relaunche
     assert _default_launch() is None  # already launched
     monkeypatch.delenv("LOCAL_RANK")
     path.write_text("distributed_type: [unclosed\n")
-    with pytest.raises(ConfigError, match="accelerate's default config .*default_config.yaml: .*--no-launch ignores it") as err:
+    with pytest.raises(ConfigError,
+                       match="accelerate's default config .*default_config.yaml: .*--no-launch ignores it") as err:
         _default_launch()
     assert "\n" not in str(err.value)
 

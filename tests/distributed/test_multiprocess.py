@@ -31,7 +31,8 @@ def launch(*overrides: str, processes: int = 2, config: str = "tiny_vlm", config
     """`accelerate launch` with flags, or with one of configs/accelerate/ (`config_file`);
     `script`: a file that runs `mmdistill.cli.main` on its arguments, instead of `-m mmdistill`."""
     how = ["--config_file", config_file] if config_file else \
-        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--main_process_port", "0",
            *([str(script)] if script else ["-m", "mmdistill"]), "train", config, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
@@ -113,8 +114,9 @@ def test_dopd_routes_by_the_whole_steps_tokens_on_every_rank_and_micro_batch(tmp
     common = ("method.name=dopd", "method.dopd.threshold=mean", "rollout.temperature=0", "train.max_steps=2",
               "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0")
     whole = tmp_path / "whole"
-    r = subprocess.run([sys.executable, "-m", "mmdistill", "train", "tiny", "--no-launch", *common, "train.batch_size=2",
-                        f"train.output_dir={whole}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "mmdistill", "train", "tiny", "--no-launch", *common,
+                        "train.batch_size=2", f"train.output_dir={whole}"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     for scope in ("step", "micro_batch"):
         r = launch(*common, "train.batch_size=1", "train.grad_accum=2", f"method.dopd.threshold_scope={scope}",
@@ -123,7 +125,8 @@ def test_dopd_routes_by_the_whole_steps_tokens_on_every_rank_and_micro_batch(tmp
     for a, b in zip(metrics_rows(whole), metrics_rows(tmp_path / "step"), strict=True):
         for key in ("loss", "grad_norm", "threshold_a", "threshold_qs", "threshold_qt"):
             assert math.isclose(a[key], b[key], rel_tol=1e-6), (a["step"], key, a[key], b[key])
-    assert not math.isclose(metrics_rows(whole)[0]["loss"], metrics_rows(tmp_path / "micro_batch")[0]["loss"], rel_tol=1e-3)
+    assert not math.isclose(metrics_rows(whole)[0]["loss"], metrics_rows(tmp_path / "micro_batch")[0]["loss"],
+                            rel_tol=1e-3)
 
 
 def test_two_rank_resume_matches_the_uninterrupted_run(ddp):
@@ -153,7 +156,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     common = [f"train.output_dir={run}", "train.max_steps=4", "eval.num_samples=0", "train.sample_every=0"]
     r = launch(*common, config="tiny", script=script)
     assert r.returncode != 0
-    lines = [l for l in r.stderr.splitlines() if l.startswith("mmdistill: stopped by SIGUSR1 after step 2; the newest checkpoint is ")]
+    lines = [line for line in r.stderr.splitlines()
+             if line.startswith("mmdistill: stopped by SIGUSR1 after step 2; the newest checkpoint is ")]
     assert len(lines) == 2, r.stderr[-3000:]
     ckpt = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
@@ -167,8 +171,9 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_one_step(tmp_path):
     """SIGTERM to `accelerate launch` (what a scheduler signals): its agent passes it on, and
     both ranks finish the same step, checkpoint it and say so."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "mmdistill", "train", "tiny",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "mmdistill", "train", "tiny",
            "train.max_steps=200", "eval.num_samples=0", "train.sample_every=0", f"train.output_dir={run}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_rows(proc, run, 3)
@@ -176,9 +181,10 @@ def test_sigterm_to_the_launcher_stops_both_ranks_after_one_step(tmp_path):
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode != 0
     last = metrics_rows(run)[-1]["step"]
-    lines = [l for l in err.splitlines() if l.startswith(f"mmdistill: stopped by SIGTERM after step {last}; ")]
+    lines = [line for line in err.splitlines() if line.startswith(f"mmdistill: stopped by SIGTERM after step {last}; ")]
     assert len(lines) == 2, err[-3000:]
-    assert sorted(p.name for p in (run / "checkpoints" / f"step_{last:08d}").glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (sorted(p.name for p in (run / "checkpoints" / f"step_{last:08d}").glob("rank_*.pt"))
+            == ["rank_00000.pt", "rank_00001.pt"])
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +193,8 @@ def fsdp(tmp_path_factory):
     per step, synced on the last) data-parallel and sharded with FSDP2, and the sharded one
     resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("fsdp")
-    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
-            "train.sample_every=0", "eval.num_samples=2"]
+    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2",
+            "train.grad_accum=2", "train.sample_every=0", "eval.num_samples=2"]
     runs = {}
     # FSDP scores views one by one; so does this DDP run, or float-level differences could flip
     # a DOPD token's regime (the shared prefix is tested on its own).
@@ -225,7 +231,8 @@ def test_fsdp_trains_like_data_parallel(fsdp):
             assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-7), (x["step"], key)
         assert x["tokens"] == y["tokens"]
     assert a[-1]["loss"] != a[0]["loss"]  # the run moved
-    wa, wb = load_file(str(ddp_run / "student" / "model.safetensors")), load_file(str(fsdp_run / "student" / "model.safetensors"))
+    wa, wb = (load_file(str(ddp_run / "student" / "model.safetensors")),
+              load_file(str(fsdp_run / "student" / "model.safetensors")))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
@@ -266,7 +273,8 @@ def test_mmdistill_train_follows_the_default_accelerate_config(tmp_path):
     for flag, processes in (([], 2), (["--no-launch"], 1)):
         out = tmp_path / f"run{processes}"
         cmd = [sys.executable, "-m", "mmdistill", "train", "tiny", *flag, *common, f"train.output_dir={out}"]
-        r = subprocess.run(cmd, cwd=REPO, env={**env(), "HF_HOME": str(home)}, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(cmd, cwd=REPO, env={**env(), "HF_HOME": str(home)}, capture_output=True, text=True,
+                           timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
         assert json.loads((out / "summary.json").read_text())["processes"] == processes
 
@@ -281,7 +289,8 @@ def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
     for d, precision in ((out, "bf16"), (ref, "no")):
         r = launch(*common, f"train.mixed_precision={precision}", f"train.output_dir={d}", config="tiny")
         assert r.returncode == 0, r.stderr[-4000:]
-    assert metrics_rows(out)[0]["loss"] != metrics_rows(ref)[0]["loss"]  # same rollouts and weights at step 1: only the compute dtype differs
+    # same rollouts and weights at step 1: only the compute dtype differs
+    assert metrics_rows(out)[0]["loss"] != metrics_rows(ref)[0]["loss"]
     assert json.loads((out / "summary.json").read_text())["mixed_precision"] == "bf16"
     assert all(math.isfinite(row["loss"]) and row["grad_norm"] > 0 for row in metrics_rows(out))
     weights = load_file(str(out / "student" / "model.safetensors"))
@@ -290,7 +299,8 @@ def test_fsdp_bf16_computes_in_bf16_and_keeps_float32_weights(tmp_path):
 
 def zero_config(directory: Path, stage: int, **changes: str) -> str:
     """configs/accelerate/deepspeed_zero2.yaml at another stage (and other lines changed)."""
-    text = (REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text().replace("zero_stage: 2", f"zero_stage: {stage}")
+    text = ((REPO / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text()
+            .replace("zero_stage: 2", f"zero_stage: {stage}"))
     for old, new in changes.items():
         text = text.replace(old, new)
     path = directory / f"zero{stage}.yaml"
@@ -310,8 +320,8 @@ def zero(tmp_path_factory, request):
 def run_and_resume(root: Path, config_file: str) -> tuple[Path, Path]:
     """The fsdp fixture's DOPD run (4 steps) under an accelerate config file, and the same run
     resumed from its step-2 checkpoint."""
-    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2", "train.grad_accum=2",
-            "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
+    base = ["method.name=dopd", "teacher.mode=ema", "train.max_steps=4", "train.checkpoint_every=2",
+            "train.grad_accum=2", "train.sample_every=0", "eval.num_samples=2", "train.share_prefix=false"]
     run, resumed = root / "run", root / "resumed"
     r = launch(*base, f"train.output_dir={run}", config="tiny", config_file=config_file)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -343,12 +353,14 @@ def assert_like_data_parallel(ddp_run: Path, run: Path) -> None:
         for key in ("loss", "grad_norm"):
             assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-7), (x["step"], key)
         assert x["tokens"] == y["tokens"] and x["lr"] == y["lr"]
-    wa, wb = load_file(str(ddp_run / "student" / "model.safetensors")), load_file(str(run / "student" / "model.safetensors"))
+    wa, wb = (load_file(str(ddp_run / "student" / "model.safetensors")),
+              load_file(str(run / "student" / "model.safetensors")))
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     ckpt = run / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in ckpt.glob("zero_optimizer_rank_*.pt")) == ["zero_optimizer_rank_00000.pt", "zero_optimizer_rank_00001.pt"]
+    assert (sorted(p.name for p in ckpt.glob("zero_optimizer_rank_*.pt"))
+            == ["zero_optimizer_rank_00000.pt", "zero_optimizer_rank_00001.pt"])
     assert load_file(str(ckpt / "student.safetensors")).keys() == wa.keys()  # whole weights, also under ZeRO-3
 
 
@@ -361,8 +373,9 @@ def offloaded(tmp_path_factory):
     """The zero fixture's run at stage 3 with the parameters and the optimizer state offloaded
     to the CPU (DeepSpeed's CPU AdamW), and resumed from its step-2 checkpoint."""
     root = tmp_path_factory.mktemp("offload")
-    return run_and_resume(root, zero_config(root, 3, **{"offload_optimizer_device: none": "offload_optimizer_device: cpu",
-                                                       "offload_param_device: none": "offload_param_device: cpu"}))
+    return run_and_resume(root, zero_config(root, 3,
+                                            **{"offload_optimizer_device: none": "offload_optimizer_device: cpu",
+                                               "offload_param_device: none": "offload_param_device: cpu"}))
 
 
 def test_deepspeed_offload_trains_like_data_parallel_and_resumes(fsdp, offloaded):
@@ -396,9 +409,11 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    common = ["method.name=dopd", "train.max_steps=2", "train.checkpoint_every=1", "eval.num_samples=0", "train.sample_every=0"]
+    common = ["method.name=dopd", "train.max_steps=2", "train.checkpoint_every=1", "eval.num_samples=0",
+              "train.sample_every=0"]
     run, resumed = tmp_path / "run", tmp_path / "resumed"
-    how = dict(config="tiny", config_file=zero_config(tmp_path, 1, **{'mixed_precision: "no"': "mixed_precision: bf16"}))
+    how = dict(config="tiny",
+               config_file=zero_config(tmp_path, 1, **{'mixed_precision: "no"': "mixed_precision: bf16"}))
     r = launch(*common, f"train.output_dir={run}", **how)
     assert r.returncode == 0, r.stderr[-4000:]
     shutil.copytree(run, resumed)
@@ -418,7 +433,8 @@ def test_deepspeed_bf16_resumes_exactly(tmp_path):
     (3, "tiny_vlm", "zero_stage=3: a CompositeVLM student cannot be partitioned"),
 ])
 def test_a_deepspeed_launch_mmdistill_cannot_honour_stops_with_one_line(tmp_path, stage, config, message):
-    r = launch("train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", config=config, config_file=zero_config(tmp_path, stage))
+    r = launch("train.max_steps=1", f"train.output_dir={tmp_path / 'run'}", config=config,
+               config_file=zero_config(tmp_path, stage))
     assert r.returncode != 0
     assert f"mmdistill: accelerate config {message}" in r.stderr
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
@@ -429,8 +445,9 @@ def test_a_step_cut_short_by_the_end_of_the_data_still_syncs(tmp_path):
     That one is the step's last, so its gradients are synced (the replicas stay identical)."""
     train = write_shards(tmp_path / "train", make_samples(32, 0, "train", image_size=32, max_objects=3))
     out = tmp_path / "run"
-    r = launch("data.source=shards", f"data.train_path={train}", "data.epochs=1", "train.grad_accum=3", "train.max_steps=10",
-               "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0", f"train.output_dir={out}")
+    r = launch("data.source=shards", f"data.train_path={train}", "data.epochs=1", "train.grad_accum=3",
+               "train.max_steps=10", "eval.num_samples=0", "train.sample_every=0", "train.keep_checkpoints=0",
+               f"train.output_dir={out}")
     assert r.returncode == 0, r.stderr[-4000:]
     assert "data exhausted after 1 epoch(s); stopping at step 2" in r.stdout + r.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -443,12 +460,14 @@ def test_a_sharded_teacher_scores_like_a_replicated_one(tmp_path, student_fsdp):
     """train.fsdp_teacher=true keeps 1/2 of the frozen teacher on each process (FSDP2, forward
     only), under a data-parallel or a sharded student: the run logs the numbers of the run whose
     teacher is whole on every process."""
-    common = ["method.name=dopd", "teacher.mode=model", "train.max_steps=3", "train.sample_every=0", "eval.num_samples=0",
-              "train.keep_checkpoints=0", "train.share_prefix=false", f"train.fsdp={str(student_fsdp).lower()}"]
+    common = ["method.name=dopd", "teacher.mode=model", "train.max_steps=3", "train.sample_every=0",
+              "eval.num_samples=0", "train.keep_checkpoints=0", "train.share_prefix=false",
+              f"train.fsdp={str(student_fsdp).lower()}"]
     runs = {}
     for sharded in (True, False):
         runs[sharded] = tmp_path / f"teacher_sharded_{sharded}"
-        r = launch(*common, f"train.fsdp_teacher={str(sharded).lower()}", f"train.output_dir={runs[sharded]}", config="tiny")
+        r = launch(*common, f"train.fsdp_teacher={str(sharded).lower()}", f"train.output_dir={runs[sharded]}",
+                   config="tiny")
         assert r.returncode == 0, r.stderr[-4000:]
         assert json.loads((runs[sharded] / "summary.json").read_text())["fsdp_teacher"] is sharded
     a, b = metrics_rows(runs[True]), metrics_rows(runs[False])
@@ -475,8 +494,9 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     r = launch(f"train.output_dir={run}", "train.max_steps=4", "train.checkpoint_every=1", "eval.num_samples=0",
                "train.sample_every=0", config="tiny", script=script)
     assert r.returncode != 0
-    lines = [l for l in r.stderr.splitlines() if l.startswith("mmdistill: step 2: the loss is not finite on rank(s) [1]")]
+    lines = [line for line in r.stderr.splitlines()
+             if line.startswith("mmdistill: step 2: the loss is not finite on rank(s) [1]")]
     assert len(lines) == 2, r.stderr[-3000:]  # one from each rank
-    assert sorted("this rank's: nan" in l for l in lines) == [False, True]
-    assert all("step_00000001" in l for l in lines)
+    assert sorted("this rank's: nan" in line for line in lines) == [False, True]
+    assert all("step_00000001" in line for line in lines)
     assert [row["step"] for row in metrics_rows(run)] == [1]

@@ -209,7 +209,8 @@ def test_kind_from_sample_and_errors():
 
 
 def test_reasoning_gym_delegates_to_the_stored_entry():
-    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    pytest.importorskip("reasoning_gym",
+                        reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 
     s = next(iter(from_reasoning_gym("fraction_simplification", 1, seed=0)))  # scored from metadata
@@ -222,7 +223,8 @@ def test_reasoning_gym_delegates_to_the_stored_entry():
 def test_reasoning_gym_scores_the_configured_extraction():
     """A model that never writes "Answer:" (SmolLM2 says "The answer is 6.") is scored on what
     eval.extraction takes out, not on the whole sentence."""
-    pytest.importorskip("reasoning_gym", reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
+    pytest.importorskip("reasoning_gym",
+                        reason="the 'reasoning-gym' package is not installed (pip install 'mmdistill[data]')")
     from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 
     s = next(iter(from_reasoning_gym("chain_sum", 1, seed=0)))

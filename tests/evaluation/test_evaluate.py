@@ -46,7 +46,8 @@ def oracle(prompt: str) -> str:
 def samples(split: str) -> list[dict]:
     pairs = [(3, 4), (2, 5), (6, 1), (1, 1), (2, 2), (4, 5), (0, 7), (3, 3), (8, 1), (5, 5)]  # sums 7, 7, 7, ...
     return [{"id": f"{split}-{i}", "split": split, "domain": "toy", "prompt": f"What is {a}+{b}?", "answer": str(a + b),
-             "hint": f"add {a} and {b}", "checker": "numeric", "response": f"Answer: {a + b}"} for i, (a, b) in enumerate(pairs)]
+             "hint": f"add {a} and {b}", "checker": "numeric", "response": f"Answer: {a + b}"}
+            for i, (a, b) in enumerate(pairs)]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     for split in ("test", "ood"):
         write_shards(root / split, samples(split))
-    cfg = load_config("tiny", ["data.source=shards", f"data.train_path={root / 'test'}", f"data.test_path={root / 'test'}",
+    cfg = load_config("tiny", ["data.source=shards", f"data.train_path={root / 'test'}",
+                               f"data.test_path={root / 'test'}",
                                f"eval.splits={{test: {root / 'test'}, ood: {root / 'ood'}}}", "eval.batch_size=3"])
     tok = load_tokenizer(cfg.student)
     return cfg, tok, TextAdapter(tok, cfg.privileged, 0)
@@ -119,8 +121,10 @@ def test_eval_command_on_a_trained_run_writes_json_and_markdown(setup, tmp_path)
 @pytest.mark.slow
 def test_two_stage_continual_run_gives_a_2x2_matrix(tmp_path):
     run = tmp_path / "cl"
-    r = run_mmdistill("train", "tiny_vlm", f"train.output_dir={run}", "eval.num_samples=4", "train.sample_every=1", "data.scenes.num_test=24",
-                  "train.stages=[{name: count, steps: 2, select: {task: count}}, {name: attribute, steps: 2, select: {task: attribute}}]")
+    r = run_mmdistill("train", "tiny_vlm", f"train.output_dir={run}", "eval.num_samples=4", "train.sample_every=1",
+                      "data.scenes.num_test=24",
+                      "train.stages=[{name: count, steps: 2, select: {task: count}}, "
+                      "{name: attribute, steps: 2, select: {task: attribute}}]")
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((run / "continual.json").read_text())
     assert data["stages"] == ["count", "attribute"]

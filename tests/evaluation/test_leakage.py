@@ -9,7 +9,8 @@ PRIVILEGED = "The red circle is centred at x=10 and the blue square at x=40, so 
 
 def test_leaked_span_present():
     response = "Looking at it: the RED circle is centred at x = 10, and the blue square at x=40. Answer: left"
-    assert leaked_span(response, PRIVILEGED, PROMPT) == "the RED circle is centred at x = 10, and the blue square at x=40"
+    assert leaked_span(response, PRIVILEGED, PROMPT) == ("the RED circle is centred at x = 10, "
+                                                         "and the blue square at x=40")
 
 
 def test_leaked_span_absent_only_in_prompt_and_too_short():

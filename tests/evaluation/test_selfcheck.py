@@ -1,7 +1,7 @@
 from mmdistill.config import load_config
+from mmdistill.evaluation.selfcheck import main, selfcheck
 from mmdistill.methods.registry import METHODS
 from mmdistill.models.loading import load_model, load_tokenizer
-from mmdistill.evaluation.selfcheck import main, selfcheck
 
 
 def test_every_method_is_zero_when_teacher_is_student_and_p_is_empty(capsys):

@@ -66,7 +66,8 @@ def test_bfloat16_logits_keep_their_dtype_and_agree():
     loss = token_loss(reverse_kl, x, [t.to(torch.bfloat16)], reduction_weights(mask), chunk_size=2)
     loss.backward()
     assert x.grad.dtype == torch.bfloat16
-    ref = token_loss(reverse_kl, x.detach().float(), [t.to(torch.bfloat16).float()], reduction_weights(mask), chunk_size=0)
+    ref = token_loss(reverse_kl, x.detach().float(), [t.to(torch.bfloat16).float()], reduction_weights(mask),
+                     chunk_size=0)
     assert torch.allclose(loss, ref, atol=1e-5)
 
 
@@ -82,7 +83,8 @@ def test_token_values_fills_masked_positions_with_zero():
 def test_values_out_receives_each_tokens_value(chunk):
     s, t, mask = data(5)
     out = torch.full(mask.shape, -7.0, dtype=torch.float64)
-    token_loss(reverse_kl, s.clone().requires_grad_(True), [t], reduction_weights(mask), chunk_size=chunk, values_out=out)
+    token_loss(reverse_kl, s.clone().requires_grad_(True), [t], reduction_weights(mask), chunk_size=chunk,
+               values_out=out)
     ref = reverse_kl(s.log_softmax(-1), torch.nan_to_num(t).log_softmax(-1))
     assert torch.allclose(out[mask], ref[mask])
     assert (out[~mask] == -7.0).all()  # positions with weight 0 are left untouched
@@ -118,7 +120,10 @@ def test_diagnostics_ride_on_the_loss_pass_and_equal_a_separate_pass(chunk):
     padding, carry no gradient, and leave the loss and its gradient unchanged."""
     s, t, mask = data()
     w = reduction_weights(mask)
-    diag_fn = lambda ls, lt: {"rkl": reverse_kl(ls, lt), "fkl": forward_kl(lt, ls)}
+
+    def diag_fn(ls, lt):
+        return {"rkl": reverse_kl(ls, lt), "fkl": forward_kl(lt, ls)}
+
     x = s.clone().requires_grad_(True)
     diag = {}
     loss = token_loss(reverse_kl, x, [t], w, chunk_size=chunk, diagnostics=diag_fn, diag_out=diag)
@@ -155,8 +160,12 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
         calls.append(la.shape[0])
         return ((la + lb).log_softmax(-1), la)  # a built target, and one of the views as is
 
-    fn = lambda ls, lt, la: reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls)
-    diag_fn = lambda ls, lt, la: {"target_entropy": -(lt.exp() * lt).sum(-1)}
+    def fn(ls, lt, la):
+        return reverse_kl(ls, lt) + 0.5 * forward_kl(la, ls)
+
+    def diag_fn(ls, lt, la):
+        return {"target_entropy": -(lt.exp() * lt).sum(-1)}
+
     x = s.clone().requires_grad_(True)
     diag = {}
     loss = token_loss(fn, x, [t, u], w, chunk_size=chunk, diagnostics=diag_fn, diag_out=diag, prepare=prepare)
@@ -169,7 +178,10 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
     assert len(calls) == (n_forward if chunk in (None, 0) else 2 * n_forward)
 
     y = s.clone().requires_grad_(True)
-    zero = lambda v: torch.where(mask[..., None], v, torch.zeros_like(v))
+
+    def zero(v):
+        return torch.where(mask[..., None], v, torch.zeros_like(v))
+
     la, lb = zero(t).log_softmax(-1), zero(u).log_softmax(-1)
     lt = (la + lb).log_softmax(-1)
     ls = y.log_softmax(-1)

@@ -50,11 +50,11 @@ def ref_forward_kl(lp_t, lp_s):
 
 
 def ref_entropy(lp):
-    def h(l):
-        total = l.new_zeros(())
-        for v in range(l.shape[0]):
-            if l[v].item() != -INF:
-                total = total - torch.exp(l[v]) * l[v]
+    def h(row):
+        total = row.new_zeros(())
+        for v in range(row.shape[0]):
+            if row[v].item() != -INF:
+                total = total - torch.exp(row[v]) * row[v]
         return total
 
     return _per_position(h, lp)
@@ -516,7 +516,8 @@ def test_entropy_and_reverse_kls_equal_the_separate_functions_with_zeros_on_eith
     torch.testing.assert_close(h, D.entropy(ls))
     torch.testing.assert_close(kl_t, D.reverse_kl(ls, lt))
     torch.testing.assert_close(kl_p, D.reverse_kl(ls, lp))
-    brute = [sum(float(ls[r, v].exp()) * (float(ls[r, v]) - float(lp[r, v])) for v in range(7) if ls[r, v] > float("-inf"))
+    brute = [sum(float(ls[r, v].exp()) * (float(ls[r, v]) - float(lp[r, v]))
+                 for v in range(7) if ls[r, v] > float("-inf"))
              for r in range(4)]
     torch.testing.assert_close(kl_p, torch.tensor(brute, dtype=torch.float64))
     assert math.isinf(kl_t[1]) and math.isfinite(kl_t[0]) and not torch.isnan(torch.stack([h, kl_t, kl_p])).any()
@@ -561,7 +562,8 @@ def test_gjsd_unscaled_matches_reference(beta):
 
 def test_gjsd_unscaled_with_zeros_on_either_side_matches_reference():
     zs, zt = logits_pair(41, zeros_s=[(0, 0, 1), (1, 1, 3)], zeros_t=[(0, 0, 2), (1, 1, 4), (1, 2, 0)])
-    v = compare(lambda s, t: D.generalized_jsd(s, t, 0.4, "unscaled"), lambda s, t: ref_gjsd_unscaled(s, t, 0.4), zs, zt)
+    v = compare(lambda s, t: D.generalized_jsd(s, t, 0.4, "unscaled"), lambda s, t: ref_gjsd_unscaled(s, t, 0.4),
+                zs, zt)
     assert torch.isfinite(v).all()
 
 

@@ -146,7 +146,8 @@ def test_clip_is_active_in_the_grid_data():
 @pytest.mark.parametrize("reduction", ["seq", "token"])
 def test_reduction_and_temperature_against_brute_force(reduction):
     zs, zf, zp = three(2)
-    loss, _, grad = run(AROPD(lam=0.8, clip=2.0, alpha=0.3, skip=2, temperature=1.7, reduction=reduction), zs, zf, zp, make_batch())
+    loss, _, grad = run(AROPD(lam=0.8, clip=2.0, alpha=0.3, skip=2, temperature=1.7, reduction=reduction),
+                        zs, zf, zp, make_batch())
     ref, ref_grad = ref_aropd(zs, zf, zp, MASK, 0.8, 2.0, 0.3, skip=2, T=1.7, reduction=reduction)
     torch.testing.assert_close(loss.double(), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
@@ -256,7 +257,9 @@ def test_minus_inf_entries_follow_the_documented_limits():
     t = anchored_residual_target(lf, lp, 0.8, 5.0)
     assert t[0, 1] == -INF and torch.isfinite(t[0, [0, 2, 3]]).all()
     r3 = -5.0
-    u = torch.stack([lp[0, 0] + 0.8 * (lf[0, 0] - lp[0, 0]).clamp(-5, 5), lp[0, 2] + 0.8 * (lf[0, 2] - lp[0, 2]).clamp(-5, 5), lp[0, 3] + 0.8 * r3])
+    u = torch.stack([lp[0, 0] + 0.8 * (lf[0, 0] - lp[0, 0]).clamp(-5, 5),
+                     lp[0, 2] + 0.8 * (lf[0, 2] - lp[0, 2]).clamp(-5, 5),
+                     lp[0, 3] + 0.8 * r3])
     torch.testing.assert_close(t[0, [0, 2, 3]], u.log_softmax(-1))
     # clip off: lam = 0 -> exactly lP, lam = 1 -> exactly lF, otherwise the common support
     torch.testing.assert_close(anchored_residual_target(lf, lp, 0.0, None), lp)
@@ -331,9 +334,11 @@ def test_sequence_shorter_than_skip_contributes_nothing():
 
 
 def test_skip_counts_response_tokens_not_positions():
-    left = torch.tensor([[False, False, True, True, True], [True, True, True, True, True], [False, True, True, False, False]])
+    left = torch.tensor([[False, False, True, True, True], [True, True, True, True, True],
+                         [False, True, True, False, False]])
     kept = skip_mask(left, 2)
-    assert kept.tolist() == [[False, False, False, False, True], [False, False, True, True, True], [False, False, False, False, False]]
+    assert kept.tolist() == [[False, False, False, False, True], [False, False, True, True, True],
+                             [False, False, False, False, False]]
     zs, zf, zp = three(11)
     loss, _, grad = run(AROPD(skip=2, alpha=0.5, lam=1.4), zs, zf, zp, make_batch(mask=left))
     ref, ref_grad = ref_aropd(zs, zf, zp, left, 1.4, 5.0, 0.5, skip=2)
@@ -396,7 +401,8 @@ def test_identical_views_give_zero_loss_and_gradient(alpha, lam, clip):
 def test_teachers_never_receive_gradient_and_protocol_fields():
     m = AROPD()
     assert (m.name, m.on_policy, m.views) == ("ar_opd", True, ("student", "teacher_full", "teacher_partial"))
-    assert (m.lam, m.clip, m.alpha, m.skip, m.temperature, m.reduction, m.chunk_size) == (0.8, 5.0, 0.0, 3, 1.0, "seq", None)
+    assert ((m.lam, m.clip, m.alpha, m.skip, m.temperature, m.reduction, m.chunk_size)
+            == (0.8, 5.0, 0.0, 3, 1.0, "seq", None))
     assert (m.jsd_scale, m.empty_sequences) == ("continuous", "exclude")
     zs, zf, zp = three(16)
     s, f, p = (x.clone().requires_grad_(True) for x in (zs, zf, zp))
@@ -438,14 +444,18 @@ def test_diagnostics_equal_brute_force():
         return [torch.tensor(x, dtype=torch.float64) for x in t.double().tolist()]
 
     kept = kept_positions(mask, skip)
-    per = {k: {} for k in ("belief_shift", "anchor_drift", "residual_uptake", "top16_overlap", "entropy_gap", "student_entropy", "target_entropy")}
+    per = {k: {} for k in ("belief_shift", "anchor_drift", "residual_uptake", "top16_overlap", "entropy_gap",
+                           "student_entropy", "target_entropy")}
     for b, row in enumerate(kept):
         for n in row:
             pi = [x.item() for x in ref_log_softmax(as_list(zs[b, n]))]
             qf = [x.item() for x in ref_log_softmax([x / T for x in as_list(zf[b, n])])]
             qp = [x.item() for x in ref_log_softmax([x / T for x in as_list(zp[b, n])])]
             tgt = [x.item() for x in ref_target(zf[b, n].double(), zp[b, n].double(), 0.8, 1.0, T)]
-            top = lambda a: set(sorted(range(len(a)), key=lambda v: -a[v])[:16])
+
+            def top(a):
+                return set(sorted(range(len(a)), key=lambda v: -a[v])[:16])
+
             per["belief_shift"][(b, n)] = kl(qf, qp)
             per["anchor_drift"][(b, n)] = kl(qp, pi)
             per["residual_uptake"][(b, n)] = kl(qp, pi) - kl(qf, pi)

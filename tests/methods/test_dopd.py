@@ -236,10 +236,12 @@ def test_route_matches_brute_force_on_random_tokens(trim):
     expected, (m_a, m_s, m_t) = ref_route(lqs, lqt, mask, trim)
     assert regime.tolist() == expected
     assert set(regime[mask].tolist()) == {HT, LH, HS, LL}
-    assert (stats["threshold_a"], stats["threshold_qs"], stats["threshold_qt"]) == pytest.approx((m_a, m_s, m_t), rel=1e-12)
+    assert ((stats["threshold_a"], stats["threshold_qs"], stats["threshold_qt"])
+            == pytest.approx((m_a, m_s, m_t), rel=1e-12))
     assert sum(stats[f"share_{n}"] for n in NAMES) == pytest.approx(1.0)
     for code, name in enumerate(NAMES):
-        assert stats[f"share_{name}"] == pytest.approx(sum(r == code for row in expected for r in row) / int(mask.sum()))
+        assert stats[f"share_{name}"] == pytest.approx(sum(r == code for row in expected for r in row)
+                                                       / int(mask.sum()))
 
 
 def test_route_all_tokens_in_one_regime():
@@ -302,7 +304,10 @@ def test_metrics_diagnostics_against_reference():
     zs, zp, zt, ids = make_case(1)
     loss, metrics, *_ = run(DOPD(topk=3), zs, zp, zt, ids)
     ls, lp, lt = (torch.log_softmax(z.double(), -1) for z in (zs, zp, zt))
-    ent = lambda lp_: [[-(lp_[b, n].exp() * lp_[b, n]).sum() for n in range(N)] for b in range(B)]
+
+    def ent(lp_):
+        return [[-(lp_[b, n].exp() * lp_[b, n]).sum() for n in range(N)] for b in range(B)]
+
     assert metrics["student_entropy"] == pytest.approx(ref_reduce(ent(ls), MASK, "seq").item(), rel=1e-5)
     assert metrics["teacher_entropy"] == pytest.approx(ref_reduce(ent(lt), MASK, "seq").item(), rel=1e-5)
     rkl = [[(ls[b, n].exp() * (ls[b, n] - lt[b, n])).sum() for n in range(N)] for b in range(B)]
@@ -647,7 +652,8 @@ def test_variants_equal_float64_loop_reference(variant, seed):
     loss.backward()
     ref, grad, regimes, parts = ref_loss(zs, zp, zt, ids, MASK, 3, self_mix=variant.get("self_mix", 1.0),
                                          hs_rejected=variant.get("hs_rejected", "self"),
-                                         ht=variant.get("ht_divergence", "js"), anchor=variant.get("anchor", 0.0), zi=zi)
+                                         ht=variant.get("ht_divergence", "js"), anchor=variant.get("anchor", 0.0),
+                                         zi=zi)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(s.grad.double(), grad, rtol=1e-4, atol=1e-6)
     for name in NAMES:
@@ -683,7 +689,8 @@ def test_a_full_self_mix_and_a_zero_anchor_are_the_paper():
 
 
 @pytest.mark.parametrize("kwargs, key", [({"self_mix": 1.5}, "self_mix"), ({"self_mix": True}, "self_mix"),
-                                         ({"hs_rejected": "both"}, "hs_rejected"), ({"ht_divergence": "jsd"}, "ht_divergence"),
+                                         ({"hs_rejected": "both"}, "hs_rejected"),
+                                         ({"ht_divergence": "jsd"}, "ht_divergence"),
                                          ({"anchor": -0.1}, "anchor"), ({"anchor": float("inf")}, "anchor")])
 def test_variant_options_are_validated(kwargs, key):
     with pytest.raises(ValueError, match=key):

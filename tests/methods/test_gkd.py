@@ -75,7 +75,10 @@ def test_beta_ends_are_forward_and_reverse_kl():
     opd, _, g_opd = run(OPD(estimator="full"), zs, zt, batch)
     torch.testing.assert_close(rev, opd)
     torch.testing.assert_close(g_rev, g_opd)
-    kl = lambda p, q: (p.exp() * (p - q)).sum()
+
+    def kl(p, q):
+        return (p.exp() * (p - q)).sum()
+
     ref_fwd, _ = ref_loss(zs, zt, 0.0, fn=lambda ls, lt: kl(lt, ls))
     ref_rev, _ = ref_loss(zs, zt, 1.0, fn=kl)
     assert fwd.item() == pytest.approx(ref_fwd.item(), rel=1e-5)
@@ -101,8 +104,13 @@ def test_metrics_and_batch_kind():
     assert m_on["on_policy"] == 1.0 and m_off["on_policy"] == 0.0
     assert {k: v for k, v in m_on.items() if k != "on_policy"} == {k: v for k, v in m_off.items() if k != "on_policy"}
     assert set(m_on) == {"loss", "reverse_kl", "forward_kl", "student_entropy", "teacher_entropy", "on_policy"}
-    ent = lambda p, _: -(p.exp() * p).sum()
-    kl = lambda p, q: (p.exp() * (p - q)).sum()
+
+    def ent(p, _):
+        return -(p.exp() * p).sum()
+
+    def kl(p, q):
+        return (p.exp() * (p - q)).sum()
+
     checks = {
         "reverse_kl": kl,
         "forward_kl": lambda ls, lt: kl(lt, ls),
@@ -206,7 +214,8 @@ def trl_loss(student_logits, teacher_logits, labels, beta):
     else:
         b = torch.tensor(beta, dtype=ls.dtype)
         mix = torch.logsumexp(torch.stack([ls + torch.log(1 - b), lt + torch.log(b)]), dim=0)
-        jsd = b * F.kl_div(mix, lt, reduction="none", log_target=True) + (1 - b) * F.kl_div(mix, ls, reduction="none", log_target=True)
+        jsd = (b * F.kl_div(mix, lt, reduction="none", log_target=True)
+               + (1 - b) * F.kl_div(mix, ls, reduction="none", log_target=True))
     mask = labels != -100
     return jsd[mask].sum() / mask.sum()
 

@@ -29,7 +29,8 @@ def ref_kl_rows(lp_p, lp_q, ids_per_pos=None):
 
 
 def topk_ids(lp, k):
-    return [[sorted(range(lp.shape[2]), key=lambda v: -lp[b, n, v].item())[:k] for n in range(lp.shape[1])] for b in range(lp.shape[0])]
+    return [[sorted(range(lp.shape[2]), key=lambda v: -lp[b, n, v].item())[:k] for n in range(lp.shape[1])]
+            for b in range(lp.shape[0])]
 
 
 def views_for(zs, zt, target="teacher_plain"):
@@ -84,7 +85,10 @@ def test_opd_metrics_entropies_and_sampled_kl():
     _, _, views = views_for(zs, zt)
     _, metrics = OPD(estimator="full").loss(views, batch)
     ls, lt = (x.detach().double() for x in views.values())
-    ent = lambda lp: [[-(lp[b, n].exp() * lp[b, n]).sum() for n in range(N)] for b in range(B)]
+
+    def ent(lp):
+        return [[-(lp[b, n].exp() * lp[b, n]).sum() for n in range(N)] for b in range(B)]
+
     assert metrics["student_entropy"] == pytest.approx(ref_reduce(ent(ls), MASK, "seq").item(), rel=1e-5)
     assert metrics["teacher_entropy"] == pytest.approx(ref_reduce(ent(lt), MASK, "seq").item(), rel=1e-5)
     assert metrics["teacher_entropy"] > metrics["student_entropy"]  # flatter teacher logits
@@ -138,7 +142,8 @@ def test_opd_sampled_gradient_expectation_is_full_reverse_kl_gradient():
         OPD(estimator="sampled", reduction="token").loss(views, batch)[0].backward()
         expected += ps[..., y : y + 1] * s.grad
     s, _, views = views_for(zs, zt)
-    OPD(estimator="full", reduction="token").loss(views, Batch(torch.zeros(B, N, dtype=torch.long), mask, [{}] * B))[0].backward()
+    OPD(estimator="full", reduction="token").loss(
+        views, Batch(torch.zeros(B, N, dtype=torch.long), mask, [{}] * B))[0].backward()
     torch.testing.assert_close(expected, s.grad)
     assert s.grad.abs().max() > 1e-3
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from mmdistill.models.composite import IMAGE_TOKEN, CompositeProcessor, CompositeVLM, build_composite
 from mmdistill.config import REPO_ROOT
+from mmdistill.models.composite import IMAGE_TOKEN, CompositeProcessor, CompositeVLM, build_composite
 
 TOWERS = {
     "timm": {"source": "timm", "name": "vit_tiny_patch16_224", "image_size": 32,
@@ -96,7 +96,8 @@ def test_pooling_sets_the_token_count(source):
         build(source, pool=64)
 
 
-@pytest.mark.parametrize("source,lm", [("timm", LLAMA), ("open_clip", LLAMA), ("timm", GPT2)], ids=["timm", "open_clip", "gpt2"])
+@pytest.mark.parametrize("source,lm", [("timm", LLAMA), ("open_clip", LLAMA), ("timm", GPT2)],
+                         ids=["timm", "open_clip", "gpt2"])
 def test_generate_logits_match_a_full_forward(source, lm):
     """Rollout and scoring must agree: one forward over prompt + response with the adapter's
     left-padding positions gives generate's per-step logits."""
@@ -131,7 +132,8 @@ def test_save_and_load_roundtrip(tmp_path, source, tie):
     loaded, proc2 = CompositeVLM.from_pretrained(tmp_path), CompositeProcessor.from_pretrained(tmp_path)
     loaded.eval()
     feats2 = batch(proc2)
-    assert torch.equal(feats["input_ids"], feats2["input_ids"]) and torch.equal(feats["pixel_values"], feats2["pixel_values"])
+    assert (torch.equal(feats["input_ids"], feats2["input_ids"])
+            and torch.equal(feats["pixel_values"], feats2["pixel_values"]))
     with torch.no_grad():
         assert torch.equal(model(**feats).logits, loaded(**feats2).logits)
     assert not any(p.requires_grad for p in loaded.tower.parameters())
@@ -142,7 +144,8 @@ def test_save_and_load_roundtrip(tmp_path, source, tie):
 def test_tower_weights_from_a_local_file(tmp_path):
     source_model, _ = build("timm", seed=1)
     path = tmp_path / "tower.safetensors"
-    safetensors.torch.save_file({f"module.{k}": v.contiguous() for k, v in source_model.tower.state_dict().items()}, path)
+    safetensors.torch.save_file({f"module.{k}": v.contiguous() for k, v in source_model.tower.state_dict().items()},
+                                path)
     model, _ = build("timm", seed=2, **{"tower": {**TOWERS["timm"], "weights": str(path)}})
     assert all(torch.equal(v, source_model.tower.state_dict()[k]) for k, v in model.tower.state_dict().items())
     assert not torch.equal(build("timm", seed=2)[0].tower.patch_embed.proj.weight, model.tower.patch_embed.proj.weight)

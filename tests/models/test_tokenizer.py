@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from mmdistill.tasks.arith import make_samples
 from mmdistill.models.tokenizer import CHAT_TEMPLATE, ENGLISH_SENTENCES, build_tokenizer
+from mmdistill.tasks.arith import make_samples
 from tests.helpers import REPO, command_env
 
 ASSET = REPO / "assets" / "tokenizer"

@@ -15,7 +15,8 @@ RESULT = {
                  "mean_response_tokens": 21.3, "by_length": [{"bucket": "0-31", "n": 180, "accuracy": 0.8},
                                                               {"bucket": "32-63", "n": 20, "accuracy": 0.3}],
                  "distinct_rate": 0.985, "leakage_rate": 0.01, "shortcut_rate": 0.02},
-        "ood_objects": {"n": 100, "correct": 40, "accuracy": 0.4, "ci95": [0.31, 0.5], "pass_at_k": {"1": 0.4, "16": 0.7},
+        "ood_objects": {"n": 100, "correct": 40, "accuracy": 0.4, "ci95": [0.31, 0.5],
+                        "pass_at_k": {"1": 0.4, "16": 0.7},
                         "mean_response_tokens": 30.0, "by_length": [], "leakage_rate": None, "shortcut_rate": 0.0},
     },
     "settings": {"checker": "scenes", "extraction": "tag", "temperature": 0.0, "samples": 1},
@@ -26,7 +27,8 @@ def test_eval_markdown_has_every_number():
     md = eval_markdown(RESULT)
     assert table_header(md) == ["split", "n", "accuracy % [95% CI]", "pass@1 %", "pass@4 %", "pass@16 %",
                                 "mean tokens", "distinct %", "leakage %", "shortcut %"]
-    assert table_row(md, "test") == ["test", "200", "75.0 [69.0, 80.0]", "75.0", "90.0", "-", "21.3", "98.5", "1.0", "2.0"]
+    assert table_row(md, "test") == ["test", "200", "75.0 [69.0, 80.0]", "75.0", "90.0", "-", "21.3", "98.5",
+                                     "1.0", "2.0"]
     assert table_row(md, "ood_objects") == ["ood_objects", "100", "40.0 [31.0, 50.0]", "40.0", "-", "70.0", "30.0",
                                             "-", "-", "0.0"]  # results written before distinct_rate existed
     assert md.index("| test") < md.index("| ood_objects")  # test first

@@ -237,7 +237,8 @@ def test_privileged_boxes_render():
     ({"image_size": 8}, "image_size"),
     ({"min_objects": 3, "max_objects": 2}, "min_objects"),
     ({"min_objects": -1}, "min_objects"),
-    ({"min_objects": 0, "max_objects": 0, "question_types": ("count", "attribute")}, "'attribute' needs max_objects >= 1"),
+    ({"min_objects": 0, "max_objects": 0, "question_types": ("count", "attribute")},
+     "'attribute' needs max_objects >= 1"),
 ])
 def test_bad_knobs(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from mmdistill.config import load_config
 from mmdistill.data.sources import load_split
 from mmdistill.data.stream import SampleStream
 from mmdistill.models.loading import load_model
 from mmdistill.models.teachers import Teacher
+from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 # Untied embeddings: see test_ema_teacher_with_tied_embeddings_saves for the tied case.
 UNTIED = ["student.arch.tie_word_embeddings=false", "data.arith.num_train=40"]
@@ -146,7 +146,8 @@ def test_trainer_state_loads_with_weights_only(cfg, tok, tmp_path, monkeypatch):
 def test_checkpoint_files(cfg, tok, tmp_path):
     a = Run(cfg, tok)
     ckpt = save_checkpoint(tmp_path, 1, **a.objects(), keep=2)
-    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "teacher.safetensors", "trainer_state.pt", "rank_00000.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "teacher.safetensors", "trainer_state.pt",
+                                                "rank_00000.pt"}
     # a teacher that holds no trained state is not written
     a.teacher = Teacher("frozen_student", a.student)
     ckpt = save_checkpoint(tmp_path, 2, **a.objects(), keep=2)

@@ -147,7 +147,8 @@ def test_sigkill_mid_training_then_resume_gives_the_same_losses(tmp_path):
             "train.sample_every=0"]
     cmd = [sys.executable, "-m", "mmdistill", "train", *base]
     full = tmp_path / "full"
-    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     killed = tmp_path / "killed"
@@ -179,7 +180,8 @@ def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
     base = ["tiny", "train.max_steps=30", "train.keep_checkpoints=2", "eval.num_samples=0", "train.sample_every=0"]
     cmd = [sys.executable, "-m", "mmdistill", "train", *base]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*cmd, f"train.output_dir={full}"], cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     proc = subprocess.Popen([*cmd, f"train.output_dir={stopped}"], cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -189,8 +191,10 @@ def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
     assert proc.returncode == 143, err[-3000:]
     last = metrics_rows(stopped)[-1]["step"]
     assert 3 <= last < 30
-    assert err.strip().splitlines()[-1] == (f"mmdistill: stopped by SIGTERM after step {last}; the newest checkpoint is "
-                                            f"{stopped / 'checkpoints' / f'step_{last:08d}'} (train.resume=auto continues from it)")
+    assert err.strip().splitlines()[-1] == (f"mmdistill: stopped by SIGTERM after step {last}; "
+                                            "the newest checkpoint is "
+                                            f"{stopped / 'checkpoints' / f'step_{last:08d}'} "
+                                            "(train.resume=auto continues from it)")
     assert not (stopped / "student").exists()
     r = subprocess.run([*cmd, f"train.output_dir={stopped}", "train.resume=auto"], cwd=REPO, env=env(),
                        capture_output=True, text=True, timeout=600)

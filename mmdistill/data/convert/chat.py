@@ -5,8 +5,21 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmdistill.data.convert.common import (
+    DEFAULT_CHECKER,
+    IMAGE_TOKEN,
+    PRIVILEGED_FIELDS,
+    ROLES,
+    BadRecords,
+    ConvertError,
+    Located,
+    check_stamp,
+    guarded,
+    samples_only,
+    stamp,
+    unique,
+)
 from mmdistill.tasks.arith import extract_answer
-from mmdistill.data.convert.common import BadRecords, ConvertError, DEFAULT_CHECKER, IMAGE_TOKEN, Located, PRIVILEGED_FIELDS, ROLES, check_stamp, guarded, samples_only, stamp, unique
 
 # --- chat turns -------------------------------------------------------------------------------
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmdistill.data.convert.common import BadRecords, ConvertError, DEFAULT_CHECKER, Located, SAMPLE_FIELDS, check_stamp, guarded, samples_only, stamp, unique
 from mmdistill.data.convert.chat import answer_of, chat_turns, split_chat
+from mmdistill.data.convert.common import (
+    DEFAULT_CHECKER,
+    SAMPLE_FIELDS,
+    BadRecords,
+    ConvertError,
+    Located,
+    check_stamp,
+    guarded,
+    samples_only,
+    stamp,
+    unique,
+)
 
 # --- 3. Hugging Face datasets on disk / parquet -----------------------------------------------
 
@@ -128,7 +139,8 @@ def _hf_sample(row: dict, columns: dict[str, str], features, root: Path, where: 
     if "answer" not in sample and "response" in sample:
         sample["answer"] = answer_of(sample["response"])
     if "response" not in sample and "answer" in sample:
-        sample["response"] = (sample["reasoning"] + "\n" if sample.get("reasoning") else "") + "Answer: " + sample["answer"]
+        sample["response"] = ((sample["reasoning"] + "\n" if sample.get("reasoning") else "")
+                              + "Answer: " + sample["answer"])
     sample.setdefault("checker", checker)
     return sample
 
@@ -144,7 +156,8 @@ def hf_disk_records(path, split: str = "train", mapping: dict[str, str] | str | 
     features, batches = _hf_tables(path, source_split or split)
     missing = sorted(c for c in mapping.values() if c not in features)
     if missing:
-        raise ConvertError(f"{path}: --map names column(s) {missing} not in the dataset (columns: {', '.join(features)})")
+        raise ConvertError(f"{path}: --map names column(s) {missing} not in the dataset "
+                           f"(columns: {', '.join(features)})")
     columns = {f: f for f in SAMPLE_FIELDS if f in features and f not in mapping} | mapping
     for target, column in columns.items():
         if _is_image_feature(features[column]) and target not in ("images", "teacher_images"):

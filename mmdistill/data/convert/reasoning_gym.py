@@ -5,8 +5,17 @@ import math
 from fractions import Fraction
 from typing import Iterator
 
+from mmdistill.data.convert.common import (
+    BadRecords,
+    ConvertError,
+    Located,
+    check_stamp,
+    guarded,
+    samples_only,
+    stamp,
+    unique,
+)
 from mmdistill.tasks import SPLIT_BUCKETS, split_of_key
-from mmdistill.data.convert.common import BadRecords, ConvertError, Located, check_stamp, guarded, samples_only, stamp, unique
 from mmdistill.tasks.reasoning_gym import SOLVERS, ReasoningGymError, package
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmdistill.tasks import scenes
 from mmdistill.data.convert.common import Located, check_stamp, samples_only, stamp, write_shards
+from mmdistill.tasks import scenes
 
 # --- 5. procedural scenes ---------------------------------------------------------------------
 
