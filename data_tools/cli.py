@@ -92,7 +92,7 @@ def _shard_errors(fn):
 def _cmd_validate(args: argparse.Namespace) -> int:
     from data_tools.inspect_tools import validate
 
-    report, lines = validate(args.shards)
+    report, lines = validate(args.shards, args.max_image_pixels)
     print("\n".join(lines))
     return 1 if report["problems"] else 0
 
@@ -126,6 +126,7 @@ def _add_shard_commands(sub) -> None:
                     "problem (shard, sample key, reason). Exit 1 if anything is bad.",
     )
     v.add_argument("shards", nargs="+", metavar="SHARDS", help=shards_help)
+    _max_pixels_opt(v)
     v.set_defaults(func=_cmd_validate)
 
     i = sub.add_parser(
@@ -164,6 +165,25 @@ def _convert_opts(p: argparse.ArgumentParser, split_choices: Sequence[str] | Non
     p.add_argument("--on-bad", default="raise", choices=["raise", "skip"],
                    help="a bad record stops the conversion naming it (raise, default) or is skipped and counted")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    _max_pixels_opt(p)
+
+
+def _max_pixels_opt(p: argparse.ArgumentParser) -> None:
+    from mmdistill.data.boxes import MAX_IMAGE_PIXELS
+
+    p.add_argument("--max-image-pixels", type=_positive_int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"an image with more pixels is a bad record, refused from its header before decoding "
+                        f"(default {MAX_IMAGE_PIXELS}, as data.max_image_pixels)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _write_converted(args: argparse.Namespace, records, meta: dict) -> int:
@@ -172,7 +192,8 @@ def _write_converted(args: argparse.Namespace, records, meta: dict) -> int:
 
     try:
         manifest = write_shards(records(), args.out, prefix=args.prefix, max_bytes=int(args.max_shard_mb * 2**20),
-                                max_count=args.max_count, meta=meta, overwrite=args.overwrite, bad=args.bad)
+                                max_count=args.max_count, meta=meta, overwrite=args.overwrite, bad=args.bad,
+                                max_image_pixels=args.max_image_pixels)
     except (ValueError, OSError) as e:  # ConvertError and ShardError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -235,15 +256,16 @@ def _cmd_llava(args: argparse.Namespace) -> int:
 @_converter
 def _cmd_hf_disk(args: argparse.Namespace) -> int:
     from mmdistill.data.convert.common import convert_meta
-    from mmdistill.data.convert.hf_disk import hf_disk_records, parse_mapping
+    from mmdistill.data.convert.hf_disk import hf_disk_records, parse_columns, parse_mapping
 
     mapping = parse_mapping(args.map)
+    drop = parse_columns(args.drop)
     records = lambda: hf_disk_records(args.path, args.split, mapping, domain=args.domain,  # noqa: E731
                                       source_split=args.source_split, stage=args.stage, checker=args.checker,
-                                      bad=args.bad)
+                                      bad=args.bad, drop=drop)
     return _write_converted(args, records, convert_meta("hf-disk", path=args.path, map=mapping, split=args.split,
                                                         source_split=args.source_split, domain=args.domain,
-                                                        stage=args.stage))
+                                                        stage=args.stage, **({"drop": drop} if drop else {})))
 
 
 @_converter
@@ -360,6 +382,8 @@ def _add_convert_commands(sub) -> None:
     )
     h.add_argument("path", help="save_to_disk folder, .parquet file or folder of .parquet files")
     h.add_argument("--map", default=None, help="FIELD=COLUMN pairs, e.g. prompt=question,answer=label,images=image")
+    h.add_argument("--drop", default=None, metavar="COL,...",
+                   help="columns to leave out on purpose; any other column that maps to no sample field is an error")
     h.add_argument("--source-split", default=None, help="the DatasetDict split to read (default: --split)")
     h.add_argument("--domain", default="hf", help="domain stamped on every sample (default hf)")
     h.add_argument("--checker", default="exact", help="checker for rows without one (default exact)")

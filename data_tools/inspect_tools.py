@@ -76,7 +76,7 @@ def _check_manifest(mpath: str, manifest: dict, per_shard: dict, counts: dict, c
     return problems
 
 
-def validate(specs: list[str]) -> tuple[dict, list[str]]:
+def validate(specs: list[str], max_pixels: int | None = shards.MAX_IMAGE_PIXELS) -> tuple[dict, list[str]]:
     """({"samples", "shards", "counts", "problems"}, lines): every sample decoded; bad samples,
     corrupt shards, missing files, duplicate ids and manifest disagreements are problems."""
     problems: list[str] = []
@@ -91,13 +91,14 @@ def validate(specs: list[str]) -> tuple[dict, list[str]]:
             problems.append(str(e))
             continue
         if not urls:
-            problems.append(f"{spec}: no shards")
+            problems.append(f"{spec}: the manifest lists no shards ({manifest['total'] if manifest else 0} samples): "
+                            "the dataset is empty")
         local = {f: Counter() for f in shards.COUNT_FIELDS}
         per_shard, clean = {}, True
         for url in urls:
             n_shards += 1
             st: dict = {}
-            for sample in shards.iter_shard(url, on_bad="skip", stats=st):
+            for sample in shards.iter_shard(url, on_bad="skip", stats=st, max_pixels=max_pixels):
                 for f in shards.COUNT_FIELDS:
                     local[f][shards.sample_count_key(sample, f)] += 1
                 key = shards.sample_key(sample["id"])

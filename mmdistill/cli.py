@@ -105,6 +105,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 2
     print(eval_markdown(result))
+    for warning in result.get("warnings", []):  # also at the top of the table; here for a reader of stderr
+        print(f"mmdistill: {warning}", file=sys.stderr)
     print(f"results written to {out_dir}/{result['label']}.json and .md")
     return 0
 

@@ -3,11 +3,16 @@ fixtures are in tests/conftest.py. A helper that means something different in ea
 logits of one method's case, one task's samples) stays in that file."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -99,6 +104,52 @@ def write_shards(out: Path, samples: list[dict], max_count: int = 4) -> Path:
         for s in samples:
             w.write(s)
     return out
+
+
+# ---------------------------------------------------------------- hostile inputs
+
+
+def fifo(path: Path, release_after: float = 3.0) -> Path:
+    """A real named pipe (os.mkfifo) at `path`. Code that opens it to read blocks until a writer
+    comes, so a daemon thread comes as that writer after `release_after` seconds and closes at once
+    (the reader sees EOF): a test that code refuses FIFOs then fails when the code opens one,
+    instead of hanging the test run."""
+    os.mkfifo(path)
+
+    def release() -> None:
+        time.sleep(release_after)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody reads
+            except OSError:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            return
+
+    threading.Thread(target=release, daemon=True).start()
+    return Path(path)
+
+
+@functools.lru_cache(maxsize=None)
+def huge_png(width: int = 12000, height: int = 12000) -> bytes:
+    """A real, valid PNG of width x height (144 megapixels by default) written chunk by chunk that
+    takes about 18 KB on disk: one bit per pixel, all black, so it compresses away. Decoded as RGB
+    it would take 432 MB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + bytes(-(-width // 8))) * height  # filter byte 0, then the packed bits of a row
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+            + chunk(b"IEND", b""))
+
+
+def tar_offsets(path) -> list[tuple[str, int, int]]:
+    """(name, header offset, end of data, padded to 512) of each member of a real tar."""
+    with tarfile.open(path) as t:
+        return [(m.name, m.offset, m.offset_data + -(-m.size // 512) * 512) for m in t.getmembers()]
 
 
 # ---------------------------------------------------------------- adapters

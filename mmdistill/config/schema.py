@@ -172,6 +172,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples; 0 = shard order
     epochs: int = 0  # passes over the shards; 0 = endless (train.max_steps decides)
     on_bad_sample: str = "raise"  # raise: stop naming shard and key; skip: skip, count (data_bad_samples) and warn
+    # Pixels an image may have (8000 x 8000); a larger one is a bad sample, refused from its header
+    # before it is decoded (a small PNG can hold an image that decodes to gigabytes)
+    max_image_pixels: int = 64_000_000
     arith: ArithDataConfig = field(default_factory=ArithDataConfig)
     chain: ChainDataConfig = field(default_factory=ChainDataConfig)
     scenes: ScenesDataConfig = field(default_factory=ScenesDataConfig)

@@ -43,6 +43,7 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "data.num_workers": (0, 64, True),
     "data.shuffle_buffer": (0, float("inf"), True),
     "data.epochs": (0, float("inf"), True),
+    "data.max_image_pixels": (0, float("inf"), False),
     "data.scenes.num_train": (0, float("inf"), False),
     "data.scenes.num_test": (0, float("inf"), True),
     "data.scenes.image_size": (16, float("inf"), True),

@@ -16,9 +16,13 @@ import copy
 import functools
 import io
 import math
+import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from mmdistill.data.files import not_regular
 
 PARTIAL_MODES = ("subset", "unlabeled")
 # Outline colours, assigned to labels in order of first appearance. None of them is a scene
@@ -35,37 +39,89 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 _TOL_PX = 1.0  # boxes from detectors / inclusive conventions may poke out by a rounding pixel
 _TOL_REL = 0.005
+# Decoded pixels an image may have (data.max_image_pixels's default, 8000 x 8000): refused from the
+# header, before decoding, above it.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def load_image(obj, where: str) -> Image.Image:
+def _too_large(size: tuple[int, int], max_pixels: int | None) -> bool:
+    return max_pixels is not None and size[0] * size[1] > max_pixels
+
+
+def _too_large_message(where: str, size: tuple[int, int], max_pixels: int) -> str:
+    return (f"{where}: image of {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels is larger than the cap of "
+            f"{max_pixels:,} pixels (data.max_image_pixels); refused before decoding")
+
+
+def load_image(obj, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Any image form a sample may carry, fully decoded as RGB, so a corrupt file fails here with
-    the sample named instead of deep inside a batch."""
+    the sample named instead of deep inside a batch.
+
+    An image with more than ``max_pixels`` pixels (None: no cap) is refused from its header,
+    before it is decoded: a few kilobytes of PNG can hold a 12000 x 12000 image that decodes to
+    gigabytes. A path must name a regular file (a FIFO would block the read forever)."""
+    if isinstance(obj, dict):  # an image struct: its bytes, else its path
+        if obj.get("bytes") is not None:
+            obj = obj["bytes"]
+        elif obj.get("path") is not None:
+            obj = obj["path"]
+    if isinstance(obj, (str, Path)):
+        why = not_regular(obj)
+        if why is not None and why != "no such file":  # a missing one fails to open below
+            raise ValueError(f"{where}: cannot read image file {os.fspath(obj)!r}: {why}")
+    if isinstance(obj, Image.Image) and _too_large(obj.size, max_pixels):
+        raise ValueError(_too_large_message(where, obj.size, max_pixels))
+    size = None
     try:
         if isinstance(obj, Image.Image):
             obj.load()
             return obj.convert("RGB") if obj.mode != "RGB" else obj.copy()
         if isinstance(obj, dict):
-            if obj.get("bytes") is not None:
-                obj = obj["bytes"]
-            elif obj.get("path") is not None:
-                obj = obj["path"]
-            else:
-                raise ValueError("dict has neither 'bytes' nor 'path'")
+            raise ValueError("dict has neither 'bytes' nor 'path'")
         if isinstance(obj, (bytes, bytearray, memoryview)):
             src = io.BytesIO(bytes(obj))
         elif isinstance(obj, (str, Path)):
             src = obj
         else:
             raise TypeError(f"unsupported type {type(obj).__name__}")
-        with Image.open(src) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(src) as im:  # reads the header only
+                if _too_large(im.size, max_pixels):
+                    size = im.size
+                else:
+                    im.load()
+                    return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # past PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS)
+        raise ValueError(f"{where}: image refused before decoding ({_one_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - every decoder failure becomes one line naming the sample
         raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {_one_line(e)})") from None
+    raise ValueError(_too_large_message(where, size, max_pixels))
+
+
+def image_size(path, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it: a file that is not
+    regular, not an image, or larger than ``max_pixels`` is refused as :func:`load_image` would."""
+    why = not_regular(path)
+    if why:
+        raise ValueError(f"{where}: cannot read image file {os.fspath(path)!r}: {why}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{where}: image refused before decoding ({_one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001
+        why = f"{type(e).__name__}: {_one_line(e)}"
+        raise ValueError(f"{where}: cannot read image {os.fspath(path)!r} ({why})") from None
+    if _too_large(size, max_pixels):
+        raise ValueError(_too_large_message(where, size, max_pixels))
+    return size
 
 
 def _is_number(v) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -32,7 +33,8 @@ from typing import Iterator
 from braceexpand import braceexpand
 from PIL import Image
 
-from mmdistill.data.boxes import check_boxes, load_image
+from mmdistill.data.boxes import MAX_IMAGE_PIXELS, check_boxes, load_image
+from mmdistill.data.files import not_regular
 from mmdistill.tasks import CHECKERS, is_checker
 
 SCHEMA = "mmdistill.sample"
@@ -49,6 +51,9 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
 _IMAGE_MEMBER = re.compile(r"(t?img)(\d+)\.([A-Za-z]+)")
+# Nesting a record may have. Deeper JSON parses (up to the interpreter's recursion limit) but then
+# exhausts the stack of whatever walks it later (a deep copy, a log line), far from the sample.
+MAX_DEPTH = 64
 
 
 class ShardError(ValueError):
@@ -110,6 +115,71 @@ def _image_members(members, where: str) -> dict[str, list[str]]:
     return {p: [f[i] for i in sorted(f)] for p, f in found.items()}
 
 
+def _check_text(text: str, where: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # only a lone UTF-16 surrogate ("\ud800") gets here
+        raise ShardError(f"{where}: {field} is not valid text: {text[e.start:e.end]!r} at character {e.start} "
+                         "is a lone surrogate, which UTF-8 cannot encode (a tokenizer would fail on it)") from None
+
+
+def check_values(record, where: str) -> None:
+    """Every string of ``record`` (keys too) encodable as UTF-8, every float finite, nesting at
+    most :data:`MAX_DEPTH`: what JSON lets through but a tokenizer, the shard writer (strict JSON)
+    or a recursive walk would fail on later, far from the sample. Iterative, so a deep record
+    cannot exhaust the stack here."""
+    stack = [(record, "record", 0)]
+    while stack:
+        value, field, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where, field)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ShardError(f"{where}: {field} is {value!r}; numbers must be finite")
+        elif isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise ShardError(f"{where}: {field} is nested more than {MAX_DEPTH} levels deep")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    name = repr(k) if field == "record" else f"{field}[{k!r}]"
+                    if isinstance(k, str):
+                        _check_text(k, where, f"key {name}")
+                    stack.append((v, name, depth + 1))
+            else:
+                stack.extend((v, f"{field}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def check_fields(record, where: str) -> None:
+    """Raise a ShardError unless ``record`` holds a usable sample: a task (``prompt`` or
+    ``messages``), text fields that are strings, valid text and numbers (:func:`check_values`),
+    ``stage``, ``answer``, ``checker`` and ``boxes`` of the right kind. Shard records and JSONL
+    records (``mmdistill.data.records.read_jsonl``) both pass it."""
+    if not isinstance(record, dict):
+        raise ShardError(f"{where}: a record must be a JSON object with a 'prompt' or 'messages', "
+                         f"got {type(record).__name__}")
+    check_values(record, where)
+    if "id" in record and (not isinstance(record["id"], str) or not record["id"]):
+        raise ShardError(f"{where}: 'id' must be a non-empty string, got {record['id']!r}")
+    if "prompt" not in record and "messages" not in record:
+        raise ShardError(f"{where}: missing field 'prompt' (or 'messages')")
+    for field in TEXT_FIELDS:
+        if field in record and not isinstance(record[field], str):
+            raise ShardError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
+    if "split" in record and not record["split"]:
+        raise ShardError(f"{where}: 'split' is empty")
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+    stage = record.get("stage", 0)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
+        raise ShardError(f"{where}: 'stage' must be an int >= 0, got {stage!r}")
+    answer = record.get("answer", "")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+        raise ShardError(f"{where}: 'answer' must be a string or number, got {type(answer).__name__}")
+    if "checker" in record:
+        _check_checker(record["checker"], where)
+    if "boxes" in record and not isinstance(record["boxes"], list):
+        raise ShardError(f"{where}: 'boxes' must be a list, got {type(record['boxes']).__name__}")
+
+
 def check_record(record, where: str, members=None) -> None:
     """Raise a ShardError unless ``record`` is a readable version-1 sample record; with
     ``members`` (suffix -> bytes) also check that its image members are exactly the counted ones."""
@@ -127,27 +197,7 @@ def check_record(record, where: str, members=None) -> None:
     for field in ("id", "split"):
         if field not in record:
             raise ShardError(f"{where}: missing field {field!r}")
-    if not isinstance(record["id"], str) or not record["id"]:
-        raise ShardError(f"{where}: 'id' must be a non-empty string, got {record['id']!r}")
-    if "prompt" not in record and "messages" not in record:
-        raise ShardError(f"{where}: missing field 'prompt' (or 'messages')")
-    for field in TEXT_FIELDS:
-        if field in record and not isinstance(record[field], str):
-            raise ShardError(f"{where}: {field!r} must be a string, got {type(record[field]).__name__}")
-    if not record["split"]:
-        raise ShardError(f"{where}: 'split' is empty")
-    if "messages" in record:
-        _check_messages(record["messages"], where)
-    stage = record.get("stage", 0)
-    if not isinstance(stage, int) or isinstance(stage, bool) or stage < 0:
-        raise ShardError(f"{where}: 'stage' must be an int >= 0, got {stage!r}")
-    answer = record.get("answer", "")
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-        raise ShardError(f"{where}: 'answer' must be a string or number, got {type(answer).__name__}")
-    if "checker" in record:
-        _check_checker(record["checker"], where)
-    if "boxes" in record and not isinstance(record["boxes"], list):
-        raise ShardError(f"{where}: 'boxes' must be a list, got {type(record['boxes']).__name__}")
+    check_fields(record, where)
     for field in IMAGE_FIELDS.values():
         if field in record:
             raise ShardError(f"{where}: {field!r} must be stored as image members, not in the record")
@@ -169,18 +219,21 @@ def check_record(record, where: str, members=None) -> None:
 
 # --- samples <-> members ---------------------------------------------------------------------
 
-def _image_bytes(obj, where: str) -> tuple[bytes, str, tuple[int, int]]:
+def _image_bytes(obj, where: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[bytes, str, tuple[int, int]]:
     """(stored bytes, extension, size): PNG/JPEG files keep their bytes, the rest becomes PNG."""
     raw = obj
     if isinstance(raw, dict):
         raw = raw.get("bytes") if raw.get("bytes") is not None else raw.get("path")
     if isinstance(raw, (str, Path)):
+        why = not_regular(raw)
+        if why is not None and why != "no such file":
+            raise ShardError(f"{where}: cannot read image file {os.fspath(raw)!r}: {why}")
         try:
             raw = Path(raw).read_bytes()
         except OSError as e:
             raise ShardError(f"{where}: cannot read image file ({type(e).__name__}: {_one_line(e)})") from None
     try:
-        im = load_image(obj if isinstance(obj, Image.Image) else raw, where)
+        im = load_image(obj if isinstance(obj, Image.Image) else raw, where, max_pixels)
     except ValueError as e:
         raise ShardError(str(e)) from None
     if isinstance(raw, (bytes, bytearray, memoryview)):
@@ -216,9 +269,11 @@ def _image_list(sample: dict, field: str, where: str) -> list:
     return list(images)
 
 
-def encode_sample(sample: dict, where: str | None = None) -> dict[str, bytes]:
+def encode_sample(sample: dict, where: str | None = None,
+                  max_pixels: int | None = MAX_IMAGE_PIXELS) -> dict[str, bytes]:
     """Members of one sample, suffix -> bytes (``{"json": ..., "img0.png": ...}``); the sample
-    is checked as a reader would check it, so a writer never produces a shard that fails."""
+    is checked as a reader would check it, so a writer never produces a shard that fails. An
+    image with more than ``max_pixels`` pixels is refused (:func:`~mmdistill.data.boxes.load_image`)."""
     if not isinstance(sample, dict):
         raise ShardError(f"{where or 'sample'}: must be a dict, got {type(sample).__name__}")
     where = where or f"sample {sample.get('id')!r}"
@@ -234,7 +289,7 @@ def encode_sample(sample: dict, where: str | None = None) -> dict[str, bytes]:
     out["json"] = _json_bytes(record, where)
     for prefix, field in IMAGE_FIELDS.items():
         for i, obj in enumerate(images[field]):
-            data, ext, size = _image_bytes(obj, f"{where}: {field}[{i}]")
+            data, ext, size = _image_bytes(obj, f"{where}: {field}[{i}]", max_pixels)
             out[f"{prefix}{i}.{ext}"] = data
             if prefix == "img":
                 sizes.append(size)
@@ -250,15 +305,34 @@ def _check_boxes(record: dict, sizes, where: str) -> None:
             raise ShardError(str(e)) from None
 
 
-def decode_sample(members: dict[str, bytes], where: str) -> dict:
+def parse_json(data: bytes | str, where: str, what: str | None = "record"):
+    """JSON text (bytes must be UTF-8) as Python values; every way it can fail (not UTF-8, not
+    JSON, an integer past Python's digit limit, nesting past the recursion limit) is one
+    ShardError naming ``where`` (and ``what`` was read there, if given)."""
+    it = f"{what} is " if what else ""
+    try:
+        text = bytes(data).decode("utf-8") if not isinstance(data, str) else data
+    except UnicodeDecodeError as e:
+        bad = bytes(data)[e.start:e.start + 1]
+        raise ShardError(f"{where}: {it}not UTF-8 ({bad!r} at byte {e.start + 1})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise ShardError(f"{where}: {it}not valid JSON ({e.msg} at {at})") from None
+    except RecursionError:
+        raise ShardError(f"{where}: {it}not usable JSON (nested too deeply to parse)") from None
+    except ValueError as e:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise ShardError(f"{where}: {it}not usable JSON ({_one_line(e)})") from None
+
+
+def decode_sample(members: dict[str, bytes], where: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
     """The sample dict back from its members, images as RGB PIL images; every problem (bad JSON,
-    a field, an image that will not decode, a box outside its image) is a one-line ShardError."""
+    a field, an image that will not decode or is larger than ``max_pixels``, a box outside its
+    image) is a one-line ShardError."""
     if "json" not in members:
         raise ShardError(f"{where}: no .json record member (members: {', '.join(sorted(members)) or 'none'})")
-    try:
-        record = json.loads(bytes(members["json"]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"{where}: record is not valid JSON ({_one_line(e)})") from None
+    record = parse_json(members["json"], where)
     check_record(record, where, members)
     found = _image_members(members, where)
     sample = {k: v for k, v in record.items() if k not in RESERVED}
@@ -267,7 +341,7 @@ def decode_sample(members: dict[str, bytes], where: str) -> dict:
         decoded = []
         for suffix in found[prefix]:
             try:
-                decoded.append(load_image(bytes(members[suffix]), f"{where}: member {suffix!r}"))
+                decoded.append(load_image(bytes(members[suffix]), f"{where}: member {suffix!r}", max_pixels))
             except ValueError as e:
                 raise ShardError(str(e)) from None
         if decoded:
@@ -325,7 +399,8 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir, prefix: str = "shard", max_bytes: int = 64 * 2**20,
-                 max_count: int = 10_000, meta: dict | None = None, overwrite: bool = False):
+                 max_count: int = 10_000, meta: dict | None = None, overwrite: bool = False,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         for name, v in (("max_bytes", max_bytes), ("max_count", max_count)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ShardWriter: {name} must be an int >= 1, got {v!r}")
@@ -333,6 +408,7 @@ class ShardWriter:
             raise ValueError(f"ShardWriter: prefix must match [A-Za-z0-9_-]+, got {prefix!r}")
         self.out_dir, self.prefix = str(out_dir), prefix
         self.max_bytes, self.max_count = max_bytes, max_count
+        self.max_image_pixels = max_image_pixels
         self.meta = dict(meta or {})
         os.makedirs(self.out_dir, exist_ok=True)
         stale = sorted(p.name for p in Path(self.out_dir).glob(f"{prefix}-*.tar")) + (
@@ -382,7 +458,7 @@ class ShardWriter:
         if key in self._keys:
             raise ShardError(f"{where}: duplicate key (id {sample['id']!r}; also in {self._keys[key]}; "
                              "ids map to keys with characters outside [A-Za-z0-9_-] as '_')")
-        members = encode_sample(sample, where)
+        members = encode_sample(sample, where, self.max_image_pixels)
         names = [(f"{key}.{suffix}", data) for suffix, data in members.items()]
         size = sum(_member_bytes(n, len(d)) for n, d in names)
         if self._tar is not None and self._count and (
@@ -445,13 +521,18 @@ def _manifest_path(path) -> str:
 def read_manifest(path_or_dir) -> dict:
     """The checked manifest of a shard directory (or the manifest file itself)."""
     path = _manifest_path(path_or_dir)
+    why = not_regular(path)
+    if why is not None and why != "no such file":  # a FIFO would block the open below forever
+        raise ShardError(f"{path}: cannot read manifest: {why}")
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
     except FileNotFoundError:
         raise ShardError(f"{path}: no such manifest") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON, a number past the digit limit
         raise ShardError(f"{path}: cannot read manifest ({_one_line(e)})") from None
+    except RecursionError:
+        raise ShardError(f"{path}: cannot read manifest (nested too deeply to parse)") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise ShardError(f"{path}: not an mmdistill shard manifest (format must be {MANIFEST_FORMAT!r})")
     v = m.get("version")
@@ -487,8 +568,10 @@ def shard_urls(path) -> list[str]:
     else:
         urls = [p]
     for u in urls:
-        if not os.path.isfile(u):
-            raise ShardError(f"{u}: no such shard file" + (f" (listed in {listed_in})" if listed_in else ""))
+        why = not_regular(u)
+        if why is not None:
+            why = "no such shard file" if why == "no such file" else why
+            raise ShardError(f"{u}: {why}" + (f" (listed in {listed_in})" if listed_in else ""))
     return urls
 
 
@@ -503,12 +586,48 @@ def _unsafe(name: str) -> bool:
     return name.startswith("/") or "\\" in name or ".." in name.split("/")
 
 
-def _ends_cleanly(f, offset: int) -> bool:
-    """Whether the archive ends with an end-of-archive block: tarfile stops silently at a
-    truncated or garbled header, so this is how a cut-off shard is told from a short one."""
+def _end_problem(f, offset: int) -> str | None:
+    """None when the archive ends properly at ``offset``: at least two zero blocks, then only
+    zeros to the end of the file. Otherwise what is wrong there, since tarfile stops silently at
+    the first zero block or at a garbled header: a zeroed header in the middle of a shard would
+    pass for its end and every later sample would vanish."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
     f.seek(offset)
-    block = f.read(tarfile.BLOCKSIZE)
-    return len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE
+    pos, first_data = offset, None
+    while first_data is None and (chunk := f.read(1 << 20)):
+        rest = chunk.lstrip(b"\0")
+        if rest:
+            first_data = pos + len(chunk) - len(rest)
+        pos += len(chunk)
+    if first_data is None:
+        zeros = size - offset
+        if zeros >= 2 * tarfile.BLOCKSIZE:
+            return None
+        return (f"cut off at byte {size}: no end-of-archive marker (two zero blocks), only {zeros} zero byte(s)"
+                if zeros else f"cut off at byte {size}: no end-of-archive marker")
+    if first_data == offset:
+        if size - offset < tarfile.BLOCKSIZE:
+            return f"cut off at byte {size}, inside a tar header"
+        return f"byte {offset} holds no valid tar header"
+    return (f"a zero block at byte {offset} is followed by data at byte {first_data}, so it is not the end of "
+            f"the archive (a zeroed or lost header)")
+
+
+def _keys_after(f, offset: int) -> list[str]:
+    """Sample keys of the members that can still be found after ``offset``, skipping blocks that
+    are not headers (what ``tar --ignore-zeros`` lists): how much a corrupt stretch cost. Only
+    counted, never read as samples: the data there is not trustworthy."""
+    keys: dict[str, None] = {}
+    f.seek(offset)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r|", ignore_zeros=True)
+        while (info := tar.next()) is not None:
+            tar.members.clear()
+            keys.setdefault(_split_name(info.name)[0], None)
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # as many as could be found
+    return list(keys)
 
 
 def _new_stats(stats: dict | None) -> dict:
@@ -516,36 +635,48 @@ def _new_stats(stats: dict | None) -> dict:
     stats.setdefault("samples", 0)
     stats.setdefault("bad", 0)
     stats.setdefault("errors", [])
+    stats.setdefault("lost", [])  # samples each error stands for, in step with "errors"
     return stats
 
 
-def iter_shard(path, on_bad: str = "raise", stats: dict | None = None) -> Iterator[dict]:
+def iter_shard(path, on_bad: str = "raise", stats: dict | None = None,
+               max_pixels: int | None = MAX_IMAGE_PIXELS) -> Iterator[dict]:
     """Decoded samples of one tar, streamed. ``on_bad="skip"`` skips bad samples, and stops at a
-    corrupt tar, counting each in ``stats`` (``{"samples": good, "bad": n, "errors": [msg]}``)
-    instead of raising."""
+    corrupt tar, counting each in ``stats`` (``{"samples": good, "bad": n, "errors": [msg],
+    "lost": [samples per msg]}``) instead of raising; a corrupt stretch counts the samples it
+    made unreadable. Images with more than ``max_pixels`` pixels are bad samples."""
     if on_bad not in ("raise", "skip"):
         raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
     stats = _new_stats(stats)
     shard = str(path)
     last = None  # key of the last sample decoded, to say where a corrupt tar went wrong
 
-    def bad(msg: str) -> None:
+    def bad(msg: str, lost: int = 1) -> None:
         if on_bad == "raise":
             raise ShardError(msg)
-        stats["bad"] += 1
+        stats["bad"] += lost
         stats["errors"].append(msg)
+        stats["lost"].append(lost)
 
     def emit(key: str, members: dict) -> Iterator[dict]:
         nonlocal last
+        where = f"{shard}: sample {key!r}"
         try:
-            sample = decode_sample(members, f"{shard}: sample {key!r}")
+            sample = decode_sample(members, where, max_pixels)
         except ShardError as e:
             bad(str(e))
+            return
+        except Exception as e:  # noqa: BLE001 - whatever a member's bytes make a decoder raise is that sample's fault
+            bad(f"{where}: cannot decode ({type(e).__name__}: {_one_line(e)})")
             return
         last = key
         stats["samples"] += 1
         yield sample
 
+    why = not_regular(shard)
+    if why is not None and why != "no such file":  # a FIFO would block the open below forever
+        bad(f"{shard}: cannot open shard: {why}")
+        return
     try:
         f = open(shard, "rb")
     except OSError as e:
@@ -589,21 +720,33 @@ def iter_shard(path, on_bad: str = "raise", stats: dict | None = None) -> Iterat
                     key, members, skip = None, {}, k
                     continue
                 members[suffix] = data
-            if not _ends_cleanly(f, tar.offset):
-                raise tarfile.ReadError("no end-of-archive marker: the file is cut off or has garbage")
+            end = tar.offset
+            problem = _end_problem(f, end)
         except (tarfile.TarError, EOFError, OSError) as e:
             after = f"after sample {last!r}" if last else "before its first good sample"
             bad(f"{shard}: corrupt or truncated tar {after} ({_one_line(e)})")
             return
-        if key is not None:
+        if key is not None:  # complete unless a header of its own was lost: decode_sample counts its images
             yield from emit(key, members)
+        if problem is not None:
+            size = f.seek(0, os.SEEK_END)
+            keys = _keys_after(f, end)
+            lost = [k for k in keys if k != key]
+            after = f"after sample {last!r}" if last else "before its first good sample"
+            names = ", ".join(repr(k) for k in lost[:3]) + (", ..." if len(lost) > 3 else "")
+            held = (f"members of at least {len(lost)} more sample(s) ({names})" if lost
+                    else "no sample header that can be found")
+            bad(f"{shard}: corrupt or truncated tar {after}: {problem}; the last {size - end} bytes are not read, "
+                f"they hold {held}", max(1, len(lost)))
+            return
         if n_members == 0:
             bad(f"{shard}: has no samples")
 
 
-def iter_samples(paths, on_bad: str = "raise", stats: dict | None = None) -> Iterator[dict]:
+def iter_samples(paths, on_bad: str = "raise", stats: dict | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> Iterator[dict]:
     """Every sample of every shard ``shard_urls`` finds for each of ``paths``, in order."""
     stats = _new_stats(stats)
     for p in [paths] if isinstance(paths, (str, Path)) else paths:
         for url in shard_urls(p):
-            yield from iter_shard(url, on_bad, stats)
+            yield from iter_shard(url, on_bad, stats, max_pixels)

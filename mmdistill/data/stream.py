@@ -3,20 +3,31 @@ continual-learning run in turn."""
 from __future__ import annotations
 
 import random
+import warnings
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmdistill.data.boxes import MAX_IMAGE_PIXELS
 from mmdistill.data.shard_stream import ShardStream
 from mmdistill.data.sources import load_split
 
 
 def train_stream(cfg: DictConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-    """Batches of training samples: shards are streamed, the other sources shuffled in memory."""
+    """Batches of training samples: shards are streamed, the other sources shuffled in memory.
+    A JSONL file's bad lines skipped under data.on_bad_sample=skip are warned about and counted
+    (data_bad_samples) once, on rank 0: every rank reads the whole file."""
     if cfg.source == "shards":
         return ShardStream(cfg.train_path, batch_size, seed, rank=rank, world_size=world_size,
                            num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, epochs=cfg.epochs,
-                           select=cfg.select, on_bad=cfg.on_bad_sample)
-    return SampleStream(load_split(cfg, "train"), batch_size, seed)
+                           select=cfg.select, on_bad=cfg.on_bad_sample,
+                           max_image_pixels=cfg.get("max_image_pixels", MAX_IMAGE_PIXELS))
+    stats: dict = {}
+    stream = SampleStream(load_split(cfg, "train", stats), batch_size, seed)
+    if rank == 0:
+        for msg in stats["errors"]:
+            warnings.warn(f"skipped bad sample: {msg}", stacklevel=2)
+        stream.bad_samples = stats["bad"]
+    return stream
 
 
 class SampleStream:
@@ -28,6 +39,7 @@ class SampleStream:
             raise ValueError("the training split has no samples")
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.epoch, self.index = 0, 0
+        self.bad_samples = 0  # records skipped when the samples were read (data_bad_samples)
         self._order = self._shuffle(0)
 
     def _shuffle(self, epoch: int) -> list[int]:

@@ -244,6 +244,11 @@ def choice_correct(text: str, sample: dict, *, extraction: str = "tag", tag: str
 
 # --- checkers -------------------------------------------------------------------------------
 
+def kind_of(kind: str | None, sample: dict) -> str:
+    """The checker that scores ``sample``: ``kind`` (eval.checker) when given, else the sample's."""
+    return _kind_of(kind, sample)
+
+
 def _kind_of(kind: str | None, sample: dict) -> str:
     if kind is None:
         kind = sample.get("checker") or (sample.get("domain") if sample.get("domain") in ("arith", "scenes")
@@ -251,6 +256,24 @@ def _kind_of(kind: str | None, sample: dict) -> str:
     if is_checker(kind):
         return kind
     raise ValueError(f"unknown checker {kind!r}; expected one of {_ALLOWED}")
+
+
+def answer_found(kind: str | None, predicted_text: str | None, sample: dict, *, extraction: str = "tag",
+                 tag: str = "Answer:", pattern: str | None = None) -> bool:
+    """Whether :func:`check` finds an answer in the text at all, right or wrong: when most
+    responses have none, the extraction (eval.extraction / eval.tag) does not fit what the model
+    writes, and its accuracy measures the format, not the answers. ``choice`` always finds a span
+    (it falls back to the whole text); ``arith``/``scenes`` and the default ``reasoning_gym``
+    scoring look for their own "Answer:"."""
+    if not predicted_text:
+        return False
+    kind = _kind_of(kind, sample)
+    if kind == "choice":
+        return True
+    default_rg = kind.startswith(REASONING_GYM_PREFIX) and (extraction, tag) == ("tag", "Answer:")
+    if kind in ("arith", "scenes") or default_rg:
+        return arith.extract_answer(predicted_text) is not None  # scenes uses the same extraction
+    return extract(predicted_text, extraction, tag=tag, pattern=pattern) is not None
 
 
 def check(kind: str | None, predicted_text: str | None, sample: dict, *, extraction: str = "tag",

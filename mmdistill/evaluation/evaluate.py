@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill.adapters import build_adapter
-from mmdistill.data.sources import load_split
+from mmdistill.data.sources import load_split, skipped_line
 from mmdistill.evaluation import checkers
 from mmdistill.evaluation.leakage import is_shortcut, leaked_span
 from mmdistill.evaluation.stats import length_buckets, pass_at_k, wilson_interval
@@ -33,6 +33,21 @@ def is_correct(text: str, sample: dict, ev: Any = None) -> bool:
 
 
 EXAMPLES = 5  # responses kept per split in the eval JSON
+NO_ANSWER_WARN = 0.5  # share of responses without an extractable answer above which a split warns
+
+
+def has_answer(text: str, sample: dict, ev: Any) -> bool:
+    """Whether the split's checker finds an answer in the response at all (right or wrong)."""
+    return checkers.answer_found(ev.checker, text, sample, extraction=ev.extraction, tag=ev.tag, pattern=ev.pattern)
+
+
+def extraction_name(ev: Any, samples: list[dict]) -> str:
+    """What decides the answer of a split's responses, as the user would set it."""
+    kinds = {checkers.kind_of(ev.checker, s) for s in samples}
+    if kinds <= {"arith", "scenes"}:
+        return f"the {'/'.join(sorted(kinds))} checker's own 'Answer:' extraction"
+    how = {"tag": f"eval.tag={ev.tag!r}", "regex": f"eval.pattern={ev.pattern!r}"}.get(ev.extraction)
+    return f"eval.extraction={ev.extraction}" + (f", {how}" if how else "")
 
 
 @torch.no_grad()
@@ -76,6 +91,7 @@ def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | No
     texts, lengths = responses(adapter, model, samples, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                                k=k, temperature=ev.temperature, top_p=ev.top_p, level=level, policy=policy, fast=fast)
     correct = [is_correct(t, samples[i // k], ev) for i, t in enumerate(texts)]
+    no_answer = sum(not has_answer(t, samples[i // k], ev) for i, t in enumerate(texts)) / len(texts)
     per_sample = [sum(correct[i * k : (i + 1) * k]) for i in range(len(samples))]
     n_right = sum(correct)
     leaks, shortcuts = [], []
@@ -100,6 +116,9 @@ def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | No
         "by_length": length_buckets(lengths, correct),
         "leakage_rate": sum(leaks) / len(leaks) if leaks else None,
         "shortcut_rate": sum(shortcuts) / len(shortcuts) if shortcuts else None,
+        # responses in which the checker found no answer at all: high means the extraction does not
+        # fit what the model writes (run_eval warns above NO_ANSWER_WARN)
+        "no_answer_rate": no_answer,
         # the first responses as they were scored: the quickest answer to "why is this 0%?"
         "examples": [{"id": samples[i // k].get("id"), "answer": samples[i // k].get("answer"), "response": texts[i],
                       "correct": bool(correct[i])} for i in range(min(EXAMPLES, len(texts)))],
@@ -113,15 +132,17 @@ def _prompt_text(sample: dict) -> str:
     return str(sample.get("prompt", ""))
 
 
-def eval_splits(cfg: DictConfig) -> dict[str, list[dict]]:
-    """Split name -> samples: eval.splits, else the data config's test split."""
+def eval_splits(cfg: DictConfig, skipped: dict | None = None) -> dict[str, list[dict]]:
+    """Split name -> samples: eval.splits, else the data config's test split. Under
+    data.on_bad_sample=skip, ``skipped`` gets each split's load stats (``{"bad": n, "errors": [...]}``)."""
     paths = dict(cfg.eval.splits) or ({"test": cfg.data.test_path} if cfg.data.test_path else {})
+    skipped = {} if skipped is None else skipped
     out = {}
     if not paths:  # a built-in procedural task: its own test split
-        out["test"] = load_split(cfg.data, "test")
+        out["test"] = load_split(cfg.data, "test", skipped.setdefault("test", {}))
     for name, path in paths.items():
         data = OmegaConf.merge(cfg.data, {"test_path": path, "source": "shards" if _is_shards(path) else "jsonl"})
-        out[name] = load_split(data, "test")
+        out[name] = load_split(data, "test", skipped.setdefault(name, {}))
     if cfg.eval.max_per_split:
         out = {name: samples[: cfg.eval.max_per_split] for name, samples in out.items()}
     for name, samples in out.items():
@@ -151,8 +172,20 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
     model.eval()
     adapter = build_adapter(proc, cfg.privileged, max_positions(model))
     level = "full" if role.endswith("_priv") else None
+    skipped: dict = {}
+    samples_of = eval_splits(cfg, skipped)
     splits = {name: score_split(adapter, model, samples, ev, level=level, fast=cfg.rollout.fast)
-              for name, samples in eval_splits(cfg).items()}
+              for name, samples in samples_of.items()}
+    warnings = []
+    for name, split in splits.items():
+        split["bad_skipped"] = skipped.get(name, {}).get("bad", 0)
+        line = skipped_line(skipped.get(name, {}), f"split '{name}'")
+        if line:
+            warnings.append(line)
+        if split["no_answer_rate"] > NO_ANSWER_WARN:
+            warnings.append(f"warning: split '{name}': {split['no_answer_rate']:.0%} of the responses have no answer "
+                            f"that {extraction_name(ev, samples_of[name])} can extract, so its accuracy measures "
+                            "the format; set eval.extraction / eval.tag to what the model writes")
     label = ev.label or role
     result = {
         "label": label,
@@ -161,6 +194,7 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
         "method": cfg.method.name,
         "model_path": model_cfg.path,
         "splits": splits,
+        "warnings": warnings,
         "settings": {k: ev[k] for k in ("checker", "extraction", "tag", "pattern", "tolerance", "samples",
                                         "temperature", "top_p", "max_new_tokens")},
     }

@@ -180,6 +180,9 @@ def eval_markdown(result: dict) -> str:
                      _tokens(s.get("mean_response_tokens")), pct(s.get("distinct_rate")), pct(s.get("leakage_rate")),
                      pct(s.get("shortcut_rate"))])
     parts = [_heading(result), ""]
+    warnings = [str(w) for w in result.get("warnings") or []]
+    if warnings:  # skipped samples, answers nothing could extract: read before the numbers
+        parts += [*(f"> {w}" for w in warnings), ""]
     settings = _settings_line(result)
     if settings:
         parts += [settings, ""]

@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
-from mmdistill.data.sources import load_split
+from mmdistill.data.sources import load_split, skipped_line
 from mmdistill.evaluation.evaluate import accuracy
 from mmdistill.models.weights import collective
 from mmdistill.reporting.continual import continual_metrics, write_continual
@@ -33,7 +33,13 @@ class Continual:
         self.path, self.cfg, self.accelerator = run_dir / "continual.json", cfg, accelerator
         n = cfg.eval.num_samples or None
         self.names = [name for name, _, _ in stages]
-        self.tests = [load_split(data, "test")[:n] for _, _, data in stages]
+        self.tests = []
+        for name, _, data in stages:
+            stats: dict = {}
+            self.tests.append(load_split(data, "test", stats)[:n])
+            warning = skipped_line(stats, f"continual stage '{name}' test split")
+            if warning:
+                accelerator.print(warning)
         for name, test in zip(self.names, self.tests):
             if not test:
                 raise ValueError(f"continual stage '{name}' has no test samples (set its test_path or select)")

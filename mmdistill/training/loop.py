@@ -83,13 +83,18 @@ def _score_before(run: Run) -> Continual | None:
     """Held-out accuracy before training (a fresh run only), and the continual record."""
     if run.test and run.start == 0:
         run.summary["accuracy_before"] = heldout_accuracy(run.accelerator, run.adapter, run.plain, run.test, run.cfg)
-        run.accelerator.print(f"held-out accuracy before: {run.summary['accuracy_before']:.3f} "
-                              f"({len(run.test)} samples)")
+        run.accelerator.print(f"held-out accuracy before: {run.summary['accuracy_before']:.3f} ({_counted(run)})")
     continual = Continual(run.run_dir, run.stages, run.cfg, run.accelerator) if len(run.stages) > 1 else None
     if continual and run.start == 0:
         continual.baseline = continual.scores(run.adapter, run.plain)
         continual.R = []
     return continual
+
+
+def _counted(run: Run) -> str:
+    """"3 samples", with the bad ones skipped when there were any: a score on fewer samples than
+    the split holds must say so."""
+    return f"{len(run.test)} samples" + (f", {run.test_skipped} bad skipped" if run.test_skipped else "")
 
 
 def _finish(run: Run, step: int, continual: Continual | None) -> None:
@@ -98,8 +103,7 @@ def _finish(run: Run, step: int, continual: Continual | None) -> None:
     run.summary["replica_checksums"] = gather_object([weights_checksum(run.backend.whole_items(run.plain))])
     if run.test:
         run.summary["accuracy_after"] = heldout_accuracy(run.accelerator, run.adapter, run.plain, run.test, run.cfg)
-        run.accelerator.print(f"held-out accuracy after:  {run.summary['accuracy_after']:.3f} "
-                              f"({len(run.test)} samples)")
+        run.accelerator.print(f"held-out accuracy after:  {run.summary['accuracy_after']:.3f} ({_counted(run)})")
     run.summary["steps"] = step
     if continual:
         run.summary["continual"] = continual.finish()

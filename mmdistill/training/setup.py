@@ -14,7 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mmdistill.adapters import TextAdapter, build_adapter
 from mmdistill.config import method_options, save_config
 from mmdistill.core.views import VIEW_SPEC
-from mmdistill.data.sources import load_split
+from mmdistill.data.sources import load_split, skipped_line
 from mmdistill.data.stream import StagedStream, stages_of
 from mmdistill.distributed import Backend
 from mmdistill.methods.registry import Method, build_method
@@ -46,6 +46,7 @@ class Run:
     start: int = 0  # the step a resumed run continues after
     summary: dict = field(default_factory=dict)
     rollouts: RolloutLog | None = None  # rollout samples written as the run goes
+    test_skipped: int = 0  # bad held-out samples skipped under data.on_bad_sample=skip
 
     @property
     def total(self) -> int:
@@ -83,7 +84,11 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     stages = stages_of(cfg)
     stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
                           accelerator.num_processes)
-    test = load_split(cfg.data, "test")[: cfg.eval.num_samples] if cfg.eval.num_samples else []
+    test_stats: dict = {"bad": 0, "errors": []}
+    test = load_split(cfg.data, "test", test_stats)[: cfg.eval.num_samples] if cfg.eval.num_samples else []
+    warning = skipped_line(test_stats, f"held-out split {cfg.data.test_path}")
+    if warning:
+        accelerator.print(warning)
     optimizer = backend.build_optimizer([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                         betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * stream.ends[-1]),
@@ -92,7 +97,7 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     # train.fsdp_teacher sharded it above. The scheduler steps once per optimizer step, by us.
     student, optimizer = backend.prepare(student, optimizer)
     run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher,
-              init, adapter, stages, stream, test, optimizer, scheduler)
+              init, adapter, stages, stream, test, optimizer, scheduler, test_skipped=test_stats["bad"])
     resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
         run.start = load_checkpoint(resume_from, **run.checkpointed())
@@ -102,6 +107,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
                    "fsdp_teacher": bool(teacher is not None and is_sharded(teacher.model)),
                    "mixed_precision": accelerator.mixed_precision,
                    "tf32": torch.get_float32_matmul_precision() != "highest"}
+    if run.test_skipped:
+        run.summary["test_bad_samples"] = run.test_skipped
     return run
 
 

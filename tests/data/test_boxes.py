@@ -12,14 +12,17 @@ import pytest
 from PIL import Image
 
 from mmdistill.data.boxes import (
+    MAX_IMAGE_PIXELS,
     PARTIAL_MODES,
     boxes_text,
     check_boxes,
     draw_boxes,
+    image_size,
     load_image,
     normalised,
     partial_boxes,
 )
+from tests.helpers import fifo, huge_png
 
 WHERE = "sample 'scenes-train-3' images[0]"
 
@@ -82,6 +85,38 @@ def test_load_image_errors_name_where(tmp_path):
         _assert_decode_error(obj)
     lazy = Image.open(io.BytesIO(truncated))
     _assert_decode_error(lazy)
+
+
+def test_a_huge_image_small_on_disk_is_refused_from_its_header(tmp_path):
+    """12000 x 12000 in 18 KB of PNG: decoded as RGB it would take 432 MB; the cap is read from the header."""
+    data = huge_png()
+    assert len(data) < 50_000 and MAX_IMAGE_PIXELS < 12000 * 12000
+    (tmp_path / "big.png").write_bytes(data)
+    for obj in (data, {"bytes": data}, tmp_path / "big.png", str(tmp_path / "big.png")):
+        with pytest.raises(ValueError) as e:
+            load_image(obj, WHERE)
+        assert str(e.value) == (f"{WHERE}: image of 12000x12000 = 144,000,000 pixels is larger than the cap of "
+                                "64,000,000 pixels (data.max_image_pixels); refused before decoding")
+    with pytest.raises(ValueError, match="larger than the cap"):
+        image_size(tmp_path / "big.png", WHERE)
+    assert image_size(tmp_path / "big.png", WHERE, max_pixels=None) == (12000, 12000)
+    small = huge_png(40, 30)
+    assert load_image(small, WHERE, max_pixels=1200).size == (40, 30)
+    with pytest.raises(ValueError, match=r"image of 40x30 = 1,200 pixels is larger than the cap of 1,199 pixels"):
+        load_image(small, WHERE, max_pixels=1199)
+    with pytest.raises(ValueError, match="larger than the cap of 1,199 pixels"):  # a decoded image is held to it too
+        load_image(Image.new("RGB", (40, 30)), WHERE, max_pixels=1199)
+
+
+def test_an_image_path_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    pipe = fifo(tmp_path / "pipe.png")
+    for call in (lambda: load_image(pipe, WHERE), lambda: image_size(pipe, WHERE)):
+        with pytest.raises(ValueError, match=rf"{re.escape(WHERE)}: cannot read image file '.*pipe\.png': "
+                                             r"not a regular file \(a FIFO \(named pipe\)\)"):
+            call()
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ValueError, match=r"not a regular file \(a directory\)"):
+        load_image(tmp_path / "dir.png", WHERE)
 
 
 # --- check_boxes / normalised ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from mmdistill.data.convert.reasoning_gym import from_reasoning_gym
 from mmdistill.data.convert.scenes import HELD_OUT_COMBOS, SuiteSizes, write_scenes_suite
 from mmdistill.data.shards import iter_samples, read_manifest
 from mmdistill.tasks.reasoning_gym import REASONING_GYM_WITH_SOLUTIONS, reasoning_gym_score
-from tests.helpers import write_lines
+from tests.helpers import fifo, huge_png, write_lines
 
 
 def read_back(out) -> list[dict]:
@@ -93,6 +93,11 @@ def test_chat_jsonl_image_root(tmp_path):
      r"bad\.jsonl:2: duplicate id 'a' .*first at .*bad\.jsonl:1"),
     (json.dumps({"messages": OPENAI["messages"], "answer": [1]}),
      r"bad\.jsonl:2: .*'answer' must be a string or number"),
+    # hostile lines: each one line naming file:line, skippable; before, tracebacks naming nothing
+    ("[" * 100_000 + "]" * 100_000, r"bad\.jsonl:2: not usable JSON \(nested too deeply to parse\)"),
+    ('{"messages": [], "answer": ' + "7" * 5000 + "}", r"bad\.jsonl:2: not usable JSON \(Exceeds the limit"),
+    (json.dumps({"messages": [{"role": "user", "content": "x \ud800"}, {"role": "assistant", "content": "y"}]}),
+     r"bad\.jsonl:2: .*'messages'\[0\]\['content'\] is not valid text: '\\ud800' at character 2 is a lone surrogate"),
 ])
 def test_chat_jsonl_bad_record_named_or_counted(tmp_path, capsys, bad_line, message):
     good = {"id": "a", "messages": OPENAI["messages"]}
@@ -329,3 +334,93 @@ def test_hf_messages_and_image_lists(tmp_path):
     assert m0["system"] == "Terse." and m0["messages"] == [{"role": "user", "content": "Same size?"}]
     assert (m0["response"], m0["answer"], m1["answer"], m0["checker"]) == ("Answer: no", "no", "yes", "choice")
     assert [im.size for im in m0["images"]] == [(4, 4), (5, 4)] and len(m1["images"]) == 2
+
+
+# --- hostile sources ------------------------------------------------------------------------------
+
+def test_chat_jsonl_line_that_is_not_utf8_is_its_bad_record(tmp_path, capsys):
+    good = json.dumps({"id": "a", "messages": OPENAI["messages"]}).encode()
+    src = tmp_path / "latin.jsonl"
+    src.write_bytes(good + b"\n" + good.replace(b'"a"', b'"caf\xe9"') + b"\n" + good.replace(b'"a"', b'"b"') + b"\n")
+    assert main(["chat-jsonl", str(src), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {src}:2: not UTF-8 (b'\\xe9' at byte 12)\n", err
+    assert main(["chat-jsonl", str(src), "--out", str(tmp_path / "skip"), "--on-bad", "skip"]) == 0
+    assert "skipped 1 bad record(s)" in capsys.readouterr().err
+    assert [s["id"] for s in read_back(tmp_path / "skip")] == ["a", "b"]
+
+
+@pytest.mark.parametrize("path, message", [
+    ("../secret.png", r"image path '\.\./secret\.png' leaves the image root \(.*root\) with '\.\.'"),
+    ("imgs/../../secret.png", r"image path 'imgs/\.\./\.\./secret\.png' leaves the image root"),
+    ("ABSOLUTE", r"image path '.*secret\.png' is absolute; image paths must be relative to the image root"),
+])
+def test_converters_refuse_images_outside_the_image_root(tmp_path, path, message):
+    secret = png(tmp_path / "secret.png", (4, 4), (1, 2, 3))  # readable by the user, outside --image-root
+    png(tmp_path / "root/imgs/a.png", (4, 4), (0, 0, 0))
+    path = str(secret) if path == "ABSOLUTE" else path
+    src = write_lines(tmp_path / "root/c.jsonl", [dict(SHAREGPT, image=path)])
+    with pytest.raises(ConvertError, match=r"c\.jsonl:1: " + message):
+        list(from_chat_jsonl(src))
+    llava = tmp_path / "root/l.json"
+    llava.write_text(json.dumps([{"id": "l1", "image": path, "conversations": SHAREGPT["conversations"][1:]}]))
+    with pytest.raises(ConvertError, match=r"l\.json\[0\] \(id 'l1'\): " + message):
+        list(from_llava_json(llava))
+    skip = BadRecords("skip")
+    assert list(from_chat_jsonl(src, bad=skip)) == [] and skip.count == 1
+    ok = write_lines(tmp_path / "root/ok.jsonl", [dict(SHAREGPT, image="imgs/../imgs/a.png")])  # stays inside
+    assert len(list(from_chat_jsonl(ok))) == 1
+
+
+def test_converters_refuse_fifos_as_images_and_as_files(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    fifo(tmp_path / "imgs" / "a.png")
+    src = write_lines(tmp_path / "c.jsonl", [SHAREGPT])
+    with pytest.raises(ConvertError, match=r"c\.jsonl:1: image file 'imgs/a\.png' cannot be read: not a regular file "
+                                           r"\(a FIFO \(named pipe\)\)"):
+        list(from_chat_jsonl(src))
+    pipe = fifo(tmp_path / "pipe.jsonl")
+    assert main(["chat-jsonl", str(pipe), "--out", str(tmp_path / "out")]) == 1
+    assert "pipe.jsonl: cannot read it as a data file: not a regular file (a FIFO" in capsys.readouterr().err
+    with pytest.raises(ConvertError, match="not a regular file"):
+        list(from_llava_json(fifo(tmp_path / "pipe.json")))
+
+
+def test_converters_refuse_a_huge_image_before_decoding_it(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs/a.png").write_bytes(huge_png())  # 12000 x 12000 in 18 KB
+    src = write_lines(tmp_path / "c.jsonl", [SHAREGPT])
+    assert main(["chat-jsonl", str(src), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src}:1: ") and err.count("\n") == 1
+    assert "image of 12000x12000 = 144,000,000 pixels is larger than the cap of 64,000,000 pixels" in err
+    (tmp_path / "imgs/a.png").write_bytes(huge_png(40, 30))
+    assert main(["chat-jsonl", str(src), "--out", str(tmp_path / "low"), "--max-image-pixels", "1000"]) == 1
+    assert "image of 40x30 = 1,200 pixels is larger than the cap of 1,000 pixels" in capsys.readouterr().err
+    assert main(["chat-jsonl", str(src), "--out", str(tmp_path / "ok"), "--max-image-pixels", "1200"]) == 0
+
+
+def test_llava_file_nested_too_deep_is_one_line(tmp_path):
+    src = tmp_path / "deep.json"
+    src.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConvertError, match=r"deep\.json: not usable JSON \(nested too deeply to parse\)"):
+        list(from_llava_json(src))
+
+
+def test_hf_disk_refuses_to_drop_columns_silently(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets", reason="the 'datasets' package is not installed")
+    datasets.Dataset.from_dict({"question": ["1+1?", "2+2?"], "answer": ["2", "4"], "solution": ["1+1=2", "2+2=4"],
+                                "source": ["a", "b"]}).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()  # the progress bar of save_to_disk
+    out = tmp_path / "out"
+    assert main(["hf-disk", str(tmp_path / "ds"), "--map", "prompt=question", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "column(s) 'solution', 'source' map to no sample field and would be lost" in err
+    assert "--drop solution,source" in err and not (out / "manifest.json").exists()
+    assert main(["hf-disk", str(tmp_path / "ds"), "--map", "prompt=question,reasoning=solution", "--drop", "source",
+                 "--out", str(out)]) == 0
+    got = read_back(out)
+    assert [s["reasoning"] for s in got] == ["1+1=2", "2+2=4"] and read_manifest(out)["meta"]["drop"] == ["source"]
+    assert main(["hf-disk", str(tmp_path / "ds"), "--map", "prompt=question", "--drop", "nope",
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "--drop names column(s) ['nope'] not in the dataset" in capsys.readouterr().err

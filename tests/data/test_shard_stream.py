@@ -1,6 +1,7 @@
 """The shard stream: disjoint ranks and workers, seeded order, exact resume, epochs, bad input."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -10,9 +11,9 @@ import pytest
 
 from mmdistill.config import load_config
 from mmdistill.data.shard_stream import EmptySplit, ShardStream, read_all
-from mmdistill.data.shards import ShardError
+from mmdistill.data.shards import ShardError, ShardWriter
 from mmdistill.tasks.scenes import make_samples
-from tests.helpers import metrics_rows, write_shards
+from tests.helpers import metrics_rows, tar_offsets, write_shards
 
 
 def text_samples(n: int, split: str = "train") -> list[dict]:
@@ -97,11 +98,12 @@ def test_too_few_shards_for_the_readers(shards):
 
 
 def corrupt(src, dst):
-    """A copy of the shard set whose second shard is cut in half."""
+    """A copy of the shard set whose second shard is cut off inside its last sample (its 5 samples
+    take the first 5 KiB of the 10 KiB file; cut in half, only the end-of-archive marker would go)."""
     shutil.copytree(src, dst)
     victim = sorted(dst.glob("s-*.tar"))[1]
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])
+    victim.write_bytes(data[: len(data) // 2 - 600])
     return victim
 
 
@@ -132,8 +134,6 @@ def test_bad_sample_is_skipped_and_counted_the_rest_arrive(tmp_path):
                 del rec["prompt"]
                 data = json.dumps(rec).encode()
                 m.size = len(data)
-            import io
-
             dst.addfile(m, io.BytesIO(data))
     broken = out / shard.name
     with pytest.raises(ShardError, match="train-2"):
@@ -177,3 +177,80 @@ def test_train_on_shards_resumes_exactly(tmp_path):
     for a, b in zip(rows[0][2:], rows[1][2:]):
         assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["tokens"] == b["tokens"]
         assert a["data_bad_samples"] == 0
+
+
+# --- hostile inputs -----------------------------------------------------------------------------
+
+def replace_member(shard, name: str, data) -> None:
+    """Rewrite a real shard with member `name` holding `data` (bytes, or a function of the old bytes)."""
+    with tarfile.open(shard) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(shard, "w") as dst:
+        for m, content in members:
+            if m.name == name:
+                content = data(content) if callable(data) else data
+                m.size = len(content)
+            dst.addfile(m, io.BytesIO(content))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_json_member_nested_100000_deep_is_skipped_and_counted_in_workers_too(tmp_path, num_workers):
+    """json.loads raises RecursionError on it: inside a DataLoader worker that was a crash naming no shard."""
+    write_shards(tmp_path / "ds", text_samples(8), max_count=4)
+    shard = sorted((tmp_path / "ds").glob("s-*.tar"))[1]
+    replace_member(shard, "train-5.json", b"[" * 100_000 + b"]" * 100_000)
+    stream = ShardStream(tmp_path / "ds", 3, seed=0, epochs=1, num_workers=num_workers, on_bad="skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = drain(stream)
+    assert sorted(ids) == sorted(f"train-{i}" for i in range(8) if i != 5) and stream.bad_samples == 1
+    assert any(f"{shard.name}: sample 'train-5': record is not usable JSON" in str(w.message) for w in caught)
+    with pytest.raises(ShardError) as e:
+        drain(ShardStream(tmp_path / "ds", 3, seed=0, epochs=1, num_workers=num_workers))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{shard}: sample 'train-5': record is not usable JSON"), msg
+
+
+def test_a_zeroed_header_counts_the_samples_it_hides(tmp_path):
+    write_shards(tmp_path / "ds", text_samples(6), max_count=6)
+    shard = next((tmp_path / "ds").glob("s-*.tar"))
+    offset = tar_offsets(shard)[2][1]  # train-2's header: train-3..5 come after it
+    data = bytearray(shard.read_bytes())
+    data[offset: offset + 512] = bytes(512)
+    shard.write_bytes(bytes(data))
+    stream = ShardStream(tmp_path / "ds", 2, seed=0, epochs=1, on_bad="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = drain(stream)
+    assert sorted(ids) == ["train-0", "train-1"] and stream.bad_samples == 3  # train-3, train-4, train-5
+    stats = {}
+    assert len(read_all(tmp_path / "ds", on_bad="skip", stats=stats)) == 2 and stats["bad"] == 3
+
+
+def test_an_empty_manifest_says_the_dataset_is_empty(tmp_path):
+    ShardWriter(tmp_path / "empty", prefix="s").close()  # every record was skipped: a manifest of no shards
+    for make in (lambda: ShardStream(tmp_path / "empty", 4, seed=0), lambda: read_all(tmp_path / "empty")):
+        with pytest.raises(ShardError, match=r"empty: the manifest lists no shards \(0 samples\): the dataset is "
+                                             r"empty \(were all its records skipped"):
+            make()
+
+
+def test_bad_test_samples_are_counted_not_dropped_unsaid(tmp_path):
+    write_shards(tmp_path / "test", text_samples(4, "test"), max_count=4)
+    shard = next((tmp_path / "test").glob("s-*.tar"))
+    lone = "What is \ud800?"  # a lone surrogate: valid JSON ("\\ud800"), no UTF-8 for it
+    replace_member(shard, "test-1.json", lambda raw: json.dumps({**json.loads(raw), "prompt": lone}).encode())
+    stats = {}
+    got = read_all(tmp_path / "test", on_bad="skip", stats=stats)
+    assert [s["id"] for s in got] == ["test-0", "test-2", "test-3"]
+    assert stats["bad"] == 1 and "sample 'test-1'" in stats["errors"][0]
+
+
+def test_the_image_pixel_cap_reaches_the_stream(tmp_path):
+    write_shards(tmp_path / "ds", make_samples(4, 0, "train", image_size=32), max_count=4)  # 32 x 32 images
+    stream = ShardStream(tmp_path / "ds", 2, seed=0, epochs=1, on_bad="skip", max_image_pixels=32 * 32 - 1)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(EmptySplit, match="4 bad sample"):
+        warnings.simplefilter("always")
+        drain(stream)
+    assert "larger than the cap of 1,023 pixels" in str(caught[0].message)
+    assert len(drain(ShardStream(tmp_path / "ds", 2, seed=0, epochs=1, max_image_pixels=32 * 32))) == 4

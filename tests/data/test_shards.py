@@ -16,6 +16,7 @@ from mmdistill.data import shards
 from mmdistill.data.boxes import load_image
 from mmdistill.data.shards import SCHEMA, ShardError, ShardWriter, decode_sample, encode_sample, iter_shard
 from mmdistill.tasks import scenes
+from tests.helpers import fifo, huge_png, tar_offsets
 
 
 def jpeg_bytes(size=(40, 30), colour=(200, 40, 90)) -> bytes:
@@ -83,6 +84,18 @@ def record(key="bad", **fields) -> bytes:
 
 
 GOOD = [("good.json", record("good"))]
+
+
+def raw_record(answer: bytes) -> bytes:
+    """A record whose 'answer' is the given JSON text, as written (json.dumps could not write it)."""
+    return record().replace(b'"prompt": "p"', b'"prompt": "p", "answer": ' + answer)
+
+
+def nested(depth: int):
+    value = "leaf"
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 # --- round trip, determinism, layout ---------------------------------------------------------
@@ -267,6 +280,26 @@ BAD_TARS = {
                                                           ("bad.json", record())]),
                   [r"sample 'bad': duplicate key"]),
     "empty": (lambda p: write_tar(p / "empty.tar", []), [r"has no samples"]),
+    # hostile members: each must be that sample's one-line error (skippable), never an exception of its own
+    "deep_json": (lambda p: write_tar(p / "deep.tar", GOOD + [("bad.json", b"[" * 100_000 + b"]" * 100_000)]),
+                  [r"sample 'bad': record is not usable JSON \(nested too deeply to parse\)"]),
+    "huge_int": (lambda p: write_tar(p / "int.tar", GOOD + [("bad.json", raw_record(b"9" * 5000))]),
+                 [r"sample 'bad': record is not usable JSON \(Exceeds the limit \(4300 digits\)"]),
+    "too_deep": (lambda p: write_tar(p / "deep100.tar", GOOD + [("bad.json", record(extra=nested(100)))]),
+                 [r"sample 'bad': 'extra'(\[0\])+ is nested more than 64 levels deep"]),
+    "nan": (lambda p: write_tar(p / "nan.tar", GOOD + [("bad.json", raw_record(b"NaN"))]),
+            [r"sample 'bad': 'answer' is nan; numbers must be finite"]),
+    "surrogate_prompt": (lambda p: write_tar(p / "sur.tar", GOOD + [("bad.json", record(prompt="\ud800 hi"))]),
+                         [r"sample 'bad': 'prompt' is not valid text: '\\ud800' at character 0 is a lone surrogate"]),
+    "surrogate_message": (lambda p: write_tar(p / "surm.tar", GOOD + [("bad.json", record(
+        prompt=None, messages=[{"role": "user", "content": [{"type": "text", "text": "ok \udfff"}]}]))]),
+                          [r"sample 'bad': 'messages'\[0\]\['content'\]\[0\]\['text'\] is not valid text"]),
+    "surrogate_key": (lambda p: write_tar(p / "surk.tar", GOOD + [("bad.json", record(extra={"\ud83d": 1}))]),
+                      [r"sample 'bad': key 'extra'\['\\ud83d'\] is not valid text"]),
+    "huge_image": (lambda p: write_tar(p / "big.tar", GOOD + [("bad.json", record(num_images=1)),
+                                                             ("bad.img0.png", huge_png())]),
+                   [r"sample 'bad': member 'img0\.png': image of 12000x12000 = 144,000,000 pixels is larger than "
+                    r"the cap of 64,000,000 pixels \(data\.max_image_pixels\); refused before decoding"]),
 }
 
 
@@ -326,3 +359,88 @@ def test_manifest_errors(tmp_path):
 def test_on_bad_must_be_known(tmp_path):
     with pytest.raises(ValueError, match="on_bad"):
         list(iter_shard(tmp_path / "x.tar", on_bad="ignore"))
+
+
+# --- hostile tars: damage that tarfile reads as a short archive --------------------------------
+
+def _text_shard(tmp_path, n: int = 6) -> str:
+    out = build(tmp_path, [text_sample(i, id=f"t{i}") for i in range(n)], max_count=100)
+    return os.path.join(out, "shard-000000.tar")
+
+
+def _zero_header(path: str, member: int) -> int:
+    """Zero the 512-byte header block of the member-th member, byte by byte; its offset."""
+    offset = tar_offsets(path)[member][1]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(512))
+    return offset
+
+
+def test_a_zeroed_header_block_mid_tar_is_an_error_naming_shard_and_offset(tmp_path):
+    path = _text_shard(tmp_path)
+    offset = _zero_header(path, 3)  # t3's only member: t0-t2 come before it, t4-t5 after
+    with pytest.raises(ShardError) as e:
+        list(iter_shard(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: corrupt or truncated tar after sample 't2': a zero block at byte {offset} "
+                          "is followed by data") and "\n" not in msg
+    assert "members of at least 2 more sample(s) ('t4', 't5')" in msg
+    stats = {}
+    got = [s["id"] for s in iter_shard(path, on_bad="skip", stats=stats)]
+    assert got == ["t0", "t1", "t2"]  # what comes before the damage still arrives
+    assert stats["bad"] == 2 and stats["lost"] == [2] and len(stats["errors"]) == 1  # t4, t5 counted
+
+
+def test_concatenated_tars_do_not_hide_the_second(tmp_path):
+    """`cat a.tar b.tar`: tarfile stops at a's end-of-archive blocks, so b's samples would vanish."""
+    a = _text_shard(tmp_path / "a", 2)
+    b = write_tar(tmp_path / "b.tar", [("x.json", record("x")), ("y.json", record("y"))])
+    both = tmp_path / "both.tar"
+    both.write_bytes(open(a, "rb").read() + open(b, "rb").read())
+    stats = {}
+    got = [s["id"] for s in iter_shard(both, on_bad="skip", stats=stats)]
+    assert got == ["t0", "t1"] and stats["bad"] == 2
+    assert "is followed by data" in stats["errors"][0] and "('x', 'y')" in stats["errors"][0]
+
+
+def test_a_tar_cut_after_its_last_member_keeps_that_sample_and_says_it_is_cut(tmp_path):
+    path = _text_shard(tmp_path, 3)
+    end = tar_offsets(path)[-1][2]
+    with open(path, "r+b") as f:
+        f.truncate(end)  # every member whole, no end-of-archive blocks
+    stats = {}
+    got = [s["id"] for s in iter_shard(path, on_bad="skip", stats=stats)]
+    assert got == ["t0", "t1", "t2"] and stats["bad"] == 1
+    assert f"cut off at byte {end}: no end-of-archive marker" in stats["errors"][0]
+
+
+def test_trailing_zeros_after_the_end_marker_are_fine(tmp_path):
+    path = _text_shard(tmp_path, 2)
+    with open(path, "ab") as f:
+        f.write(bytes(4096))  # some tools pad to larger records
+    assert [s["id"] for s in iter_shard(path)] == ["t0", "t1"]
+
+
+def test_a_fifo_is_refused_as_a_shard_and_as_a_manifest(tmp_path):
+    """os.mkfifo: opening it would block forever, so it is refused before it is opened."""
+    pipe = fifo(tmp_path / "pipe.tar")
+    with pytest.raises(ShardError, match=r"pipe\.tar: not a regular file \(a FIFO \(named pipe\)\)"):
+        shards.shard_urls(pipe)
+    with pytest.raises(ShardError, match=r"cannot open shard: not a regular file \(a FIFO"):
+        list(iter_shard(pipe))
+    (tmp_path / "ds").mkdir()
+    fifo(tmp_path / "ds" / "manifest.json")
+    with pytest.raises(ShardError, match=r"manifest\.json: cannot read manifest: not a regular file \(a FIFO"):
+        shards.read_manifest(tmp_path / "ds")
+
+
+def test_image_pixels_cap_is_checked_from_the_header_and_configurable(tmp_path):
+    small_cap = {"id": "big", "split": "train", "prompt": "p", "images": [huge_png(300, 200)]}
+    with pytest.raises(ShardError, match=r"images\[0\]: image of 300x200 = 60,000 pixels is larger than the cap of "
+                                         r"50,000 pixels"):
+        encode_sample(small_cap, "w", max_pixels=50_000)
+    members = encode_sample(small_cap, "w", max_pixels=60_000)
+    with pytest.raises(ShardError, match=r"member 'img0\.png': image of 300x200"):
+        decode_sample(members, "r", max_pixels=59_999)
+    assert decode_sample(members, "r", max_pixels=60_000)["images"][0].size == (300, 200)

@@ -138,3 +138,57 @@ def test_mmdistill_data_forwards(tmp_path, capsys):
     out = dataset(tmp_path)
     assert mm_main(["data", "validate", out]) == 0
     assert "checked 7 samples" in capsys.readouterr().out
+
+
+# --- hostile shards: validate reports them as problems, never OK, never a traceback ---------------
+
+def _one_tar(tmp_path, members) -> str:
+    path = str(tmp_path / "one.tar")
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def _record(key: str, **fields) -> bytes:
+    return json.dumps({"schema": shards.SCHEMA, "version": 1, "id": key, "split": "train", "prompt": "p",
+                       "num_images": 0, "num_teacher_images": 0, **fields}).encode()
+
+
+def test_validate_a_single_tar_with_a_zeroed_header_block_is_not_ok(tmp_path, capsys):
+    """Without its manifest: the tar alone must show the damage (it used to say OK, 3 samples)."""
+    path = _one_tar(tmp_path, [(f"q{i}.json", _record(f"q{i}")) for i in range(6)])
+    offset = 3 * 1024  # q3's header: each member is one header block and one data block
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(512))
+    rc, text, _ = run(capsys, "validate", path)
+    assert rc == 1 and "checked 3 samples in 1 shard(s)" in text and not text.rstrip().endswith("OK")
+    assert (f"BAD {path}: corrupt or truncated tar after sample 'q2': a zero block at byte {offset} is followed by "
+            "data at byte 3584") in text and "('q4', 'q5')" in text
+
+
+def test_validate_hostile_json_members_are_problems_not_tracebacks(tmp_path, capsys):
+    path = _one_tar(tmp_path, [("ok.json", _record("ok")), ("deep.json", b"[" * 100_000 + b"]" * 100_000),
+                               ("int.json", _record("int").replace(b'"p"', b'"p", "answer": ' + b"5" * 5000)),
+                               ("sur.json", _record("sur", prompt="\ud800"))])
+    rc, text, err = run(capsys, "validate", path)
+    assert rc == 1 and err == "" and "checked 1 samples" in text and "3 problem(s)" in text
+    assert f"BAD {path}: sample 'deep': record is not usable JSON (nested too deeply to parse)" in text
+    assert f"BAD {path}: sample 'int': record is not usable JSON (Exceeds the limit (4300 digits)" in text
+    assert f"BAD {path}: sample 'sur': 'prompt' is not valid text: '\\ud800' at character 0" in text
+
+
+def test_validate_an_empty_manifest_says_what_is_wrong(tmp_path, capsys):
+    shards.ShardWriter(tmp_path / "empty").close()
+    rc, text, _ = run(capsys, "validate", str(tmp_path / "empty"))
+    assert rc == 1 and "the manifest lists no shards (0 samples): the dataset is empty" in text
+
+
+def test_validate_caps_image_pixels(tmp_path, capsys):
+    out = dataset(tmp_path)  # 64 x 64 scenes
+    rc, text, _ = run(capsys, "validate", out, "--max-image-pixels", str(64 * 64 - 1))
+    assert rc == 1 and "image of 64x64 = 4,096 pixels is larger than the cap of 4,095 pixels" in text
+    assert run(capsys, "validate", out, "--max-image-pixels", str(64 * 64))[0] == 0

@@ -14,7 +14,7 @@ from mmdistill.adapters import TextAdapter
 from mmdistill.config import load_config
 from mmdistill.evaluation.evaluate import eval_splits, score_split
 from mmdistill.models.loading import load_tokenizer
-from tests.helpers import run_mmdistill, write_shards
+from tests.helpers import run_mmdistill, write_lines, write_shards
 
 
 class ScriptedLM(torch.nn.Module):
@@ -136,3 +136,41 @@ def test_two_stage_continual_run_gives_a_2x2_matrix(tmp_path):
     assert {r["step"] for r in rollouts} == {1, 2, 3, 4}
     assert all(r["prompt"].startswith("How many") for r in rollouts if r["step"] <= 2)  # stage 1: count questions
     assert all(r["prompt"].startswith("What") for r in rollouts if r["step"] > 2)  # stage 2: attribute questions
+
+
+# --- hostile evaluation inputs: an extraction that finds nothing, bad test samples -----------------
+
+def test_no_answer_rate_counts_responses_the_extraction_finds_nothing_in(setup):
+    cfg, tok, adapter = setup
+    test = samples("test")
+    assert score_split(adapter, ScriptedLM(tok, oracle), test, cfg.eval)["no_answer_rate"] == 0.0
+    bare = score_split(adapter, ScriptedLM(tok, lambda p: "it is 7"), test, cfg.eval)  # never writes "Answer:"
+    assert bare["no_answer_rate"] == 1.0 and bare["accuracy"] == 0.0
+    last_number = OmegaConf.merge(cfg.eval, {"extraction": "last_number"})
+    fitted = score_split(adapter, ScriptedLM(tok, lambda p: "it is 7"), test, last_number)
+    assert fitted["no_answer_rate"] == 0.0 and fitted["accuracy"] > 0  # the same responses, an extraction that fits
+
+
+def test_eval_command_warns_about_skipped_samples_and_answers_it_cannot_extract(tmp_path, capsys):
+    """`mmdistill eval` on a random student (it never writes "Answer:") and a test file with one bad line."""
+    from mmdistill.cli import main
+
+    good = [{"id": f"q{i}", "prompt": f"What is {i}+1?", "answer": str(i + 1), "checker": "numeric"} for i in range(3)]
+    test = write_lines(tmp_path / "test.jsonl", [*good, {"id": "bad", "prompt": None, "answer": "0"}])
+    args = ["eval", "tiny", "data.source=jsonl", f"data.train_path={test}", f"data.test_path={test}",
+            f"eval.output_dir={tmp_path / 'eval'}", "eval.max_new_tokens=4"]
+    assert main(args) == 2  # on_bad_sample=raise: one line naming file and line
+    assert capsys.readouterr().err == f"mmdistill: {test}:4: 'prompt' must be a string, got NoneType\n"
+    assert main([*args, "data.on_bad_sample=skip"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads((tmp_path / "eval" / "student.json").read_text())
+    split = result["splits"]["test"]
+    assert split["n"] == 3 and split["bad_skipped"] == 1 and split["no_answer_rate"] == 1.0
+    skipped = (f"warning: split 'test': skipped 1 bad sample(s) (data.on_bad_sample=skip); first: {test}:4: 'prompt' "
+               "must be a string, got NoneType")
+    extraction = ("warning: split 'test': 100% of the responses have no answer that eval.extraction=tag, "
+                  "eval.tag='Answer:' can extract, so its accuracy measures the format")
+    assert result["warnings"][0] == skipped and result["warnings"][1].startswith(extraction)
+    assert f"mmdistill: {skipped}\n" in err and f"mmdistill: {extraction}" in err
+    assert f"> {skipped}" in out and f"> {extraction}" in out  # at the top of the table too (and in the .md)
+    assert f"> {extraction}" in (tmp_path / "eval" / "student.md").read_text()

@@ -1,7 +1,6 @@
 """Chat JSONL (ShareGPT or OpenAI style) and LLaVA JSON records as samples."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,11 +13,14 @@ from mmdistill.data.convert.common import (
     ConvertError,
     Located,
     check_stamp,
+    data_file,
     guarded,
+    image_under,
     samples_only,
     stamp,
     unique,
 )
+from mmdistill.data.shards import ShardError, parse_json
 from mmdistill.tasks.arith import extract_answer
 
 # --- chat turns -------------------------------------------------------------------------------
@@ -116,19 +118,14 @@ def answer_of(response: str) -> str:
 
 
 def _image_paths(value, root: Path, where: str, field: str) -> list[str]:
-    """Paths of a record's images, relative to ``root``; a missing file names record and path."""
+    """Paths of a record's images, relative to ``root`` and inside it (:func:`image_under`); a
+    missing file, an absolute path or one leaving the root names record and path."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
-        raise ConvertError(f"{where}: {field!r} must be a path or a list of paths, got {value!r}")
-    paths = []
-    for rel in items:
-        p = root / rel
-        if not p.is_file():
-            raise ConvertError(f"{where}: {field} file {rel!r} not found (looked for {p})")
-        paths.append(str(p))
-    return paths
+        raise ConvertError(f"{where}: {field!r} must be a path or a list of paths, got {value!r:.80}")
+    return [image_under(root, rel, where, field) for rel in items]
 
 
 def _chat_sample(rec: dict, where: str, root: Path, default_id: str, checker: str) -> dict:
@@ -171,7 +168,8 @@ def chat_jsonl_records(path, split: str = "train", domain: str = "chat", *, imag
     root = Path(image_root) if image_root is not None else path.parent
 
     def lines() -> Located:
-        with open(path, encoding="utf-8") as f:
+        data_file(path)
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's bad record
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue  # a blank line is not a record
@@ -183,11 +181,11 @@ def chat_jsonl_records(path, split: str = "train", domain: str = "chat", *, imag
     yield from unique(lines(), bad)
 
 
-def _chat_line(line: str, where: str, root: Path, default_id: str, checker: str) -> dict:
+def _chat_line(line: bytes, where: str, root: Path, default_id: str, checker: str) -> dict:
     try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        rec = parse_json(line.rstrip(b"\r\n"), where, None)  # not UTF-8, not JSON, too deep, too long a number
+    except ShardError as e:
+        raise ConvertError(str(e)) from None
     return _chat_sample(rec, where, root, default_id, checker)
 
 
@@ -216,11 +214,13 @@ def llava_records(path, image_root=None, split: str = "train", domain: str = "ll
     bad = bad or BadRecords()
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    data_file(path)
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        data = parse_json(raw, str(path), None)
+    except ShardError as e:
+        raise ConvertError(str(e)) from None
     if not isinstance(data, list):
         raise ConvertError(f"{path}: a LLaVA file holds a JSON list of records, got {type(data).__name__}")
 

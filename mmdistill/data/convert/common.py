@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Iterable, Iterator
 
+from mmdistill.data.boxes import MAX_IMAGE_PIXELS
+from mmdistill.data.files import not_regular
 from mmdistill.data.shards import ShardError, ShardWriter, sample_key
 
 IMAGE_TOKEN = "<image>"
@@ -85,6 +88,33 @@ def unique(records: Located, bad: BadRecords) -> Located:
         yield where, sample
 
 
+def image_under(root: Path, rel: str, where: str, field: str) -> str:
+    """``root / rel`` for an image path a record gives, which must stay under ``root`` (the
+    image root): an absolute path or one that climbs out with ``..`` would embed any file the
+    converting user can read into the shards, so it is refused naming the record and the path.
+    The file must be a regular file (a FIFO would block the conversion forever)."""
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise ConvertError(f"{where}: {field} path {rel!r} is absolute; image paths must be relative to the "
+                           f"image root ({root})")
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../"):
+        raise ConvertError(f"{where}: {field} path {rel!r} leaves the image root ({root}) with '..'")
+    p = root / rel
+    why = not_regular(p)
+    if why == "no such file":
+        raise ConvertError(f"{where}: {field} file {rel!r} not found (looked for {p})")
+    if why:
+        raise ConvertError(f"{where}: {field} file {rel!r} cannot be read: {why}")
+    return str(p)
+
+
+def data_file(path: Path) -> None:
+    """A source file must be a regular file: a FIFO would block the conversion forever."""
+    why = not_regular(path)
+    if why is not None and why != "no such file":  # a missing file: open() says so
+        raise ConvertError(f"{path}: cannot read it as a data file: {why}")
+
+
 def guarded(make: Callable[[], dict], where: str, bad: BadRecords) -> dict | None:
     """One record's conversion; its ConvertError goes to ``bad`` (raise or count)."""
     try:
@@ -98,14 +128,15 @@ def guarded(make: Callable[[], dict], where: str, bad: BadRecords) -> dict | Non
 
 def write_shards(records: Iterable[tuple[str, dict]], out_dir, *, prefix: str = "shard", max_bytes: int = 64 * 2**20,
                  max_count: int = 10_000, meta: dict | None = None, overwrite: bool = False,
-                 bad: BadRecords | None = None) -> dict:
+                 bad: BadRecords | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> dict:
     """Write (where, sample) records as shards and return the manifest. A sample the shard
-    writer refuses (a field of the wrong type, an image that will not decode, a box outside
-    its image) is a bad record named by its source; on any raised error no manifest is
-    written, so a failed build never looks complete."""
+    writer refuses (a field of the wrong type, text that is not valid UTF-8, an image that will
+    not decode or has more than ``max_image_pixels`` pixels, a box outside its image) is a bad
+    record named by its source; on any raised error no manifest is written, so a failed build
+    never looks complete."""
     bad = bad or BadRecords()
     with ShardWriter(out_dir, prefix=prefix, max_bytes=max_bytes, max_count=max_count, meta=meta,
-                     overwrite=overwrite) as writer:
+                     overwrite=overwrite, max_image_pixels=max_image_pixels) as writer:
         for where, sample in records:
             try:
                 writer.write(sample)

@@ -13,6 +13,7 @@ from mmdistill.data.convert.common import (
     Located,
     check_stamp,
     guarded,
+    image_under,
     samples_only,
     stamp,
     unique,
@@ -89,10 +90,7 @@ def _image_value(value, root: Path, where: str, field: str) -> list:
         if isinstance(v, (bytes, bytearray)):
             out.append(bytes(v))
         elif isinstance(v, str) and v:
-            p = root / v
-            if not p.is_file():
-                raise ConvertError(f"{where}: {field}[{i}] file {v!r} not found (looked for {p})")
-            out.append(str(p))
+            out.append(image_under(root, v, where, f"{field}[{i}]"))
         else:
             raise ConvertError(f"{where}: {field}[{i}] is not an image (bytes, path or image struct), "
                                f"got {type(v).__name__}")
@@ -145,20 +143,37 @@ def _hf_sample(row: dict, columns: dict[str, str], features, root: Path, where: 
     return sample
 
 
+def parse_columns(text: str | list[str] | None) -> list[str]:
+    """``"source,url"`` (or a list) -> ``["source", "url"]``: the columns ``--drop`` names."""
+    items = text.split(",") if isinstance(text, str) else list(text or [])
+    return [c.strip() for c in items if c.strip()]
+
+
 def hf_disk_records(path, split: str = "train", mapping: dict[str, str] | str | None = None, *,
                     domain: str = "hf", source_split: str | None = None, stage: int = 0,
-                    checker: str = DEFAULT_CHECKER, bad: BadRecords | None = None) -> Located:
+                    checker: str = DEFAULT_CHECKER, bad: BadRecords | None = None,
+                    drop: list[str] | str | None = None) -> Located:
     """(where, sample) pairs of :func:`from_hf_disk`; ``where`` is ``path row N``."""
     check_stamp(split, domain, stage)
     bad = bad or BadRecords()
     path = Path(path)
     mapping = parse_mapping(mapping) if isinstance(mapping, str) or mapping is None else dict(mapping)
+    drop = parse_columns(drop)
     features, batches = _hf_tables(path, source_split or split)
     missing = sorted(c for c in mapping.values() if c not in features)
     if missing:
         raise ConvertError(f"{path}: --map names column(s) {missing} not in the dataset "
                            f"(columns: {', '.join(features)})")
-    columns = {f: f for f in SAMPLE_FIELDS if f in features and f not in mapping} | mapping
+    missing = sorted(c for c in drop if c not in features)
+    if missing:
+        raise ConvertError(f"{path}: --drop names column(s) {missing} not in the dataset "
+                           f"(columns: {', '.join(features)})")
+    columns = {f: f for f in SAMPLE_FIELDS if f in features and f not in mapping and f not in drop} | mapping
+    unused = [c for c in features if c not in columns.values() and c not in drop]
+    if unused:  # a column left out silently is data lost silently (a 'solution' column that vanished)
+        raise ConvertError(f"{path}: column(s) {', '.join(repr(c) for c in unused)} map to no sample field and would "
+                           f"be lost; map them (--map FIELD=COLUMN, fields: {', '.join(SAMPLE_FIELDS)}) or drop them "
+                           f"on purpose (--drop {','.join(unused)})")
     for target, column in columns.items():
         if _is_image_feature(features[column]) and target not in ("images", "teacher_images"):
             raise ConvertError(f"{path}: column {column!r} holds images; map it to images or teacher_images")
@@ -188,8 +203,9 @@ def from_hf_disk(path, split: str = "train", mapping: dict[str, str] | str | Non
     maps others. Image columns (the ``datasets.Image`` feature, single or a list) keep their
     encoded bytes; ClassLabel columns give their label names. A ``messages`` column ending with
     the assistant's turn gives ``response`` as in :func:`from_chat_jsonl`; without a response
-    one is built from ``reasoning`` and ``answer`` ("Answer: ..."). Unmapped columns are not
-    carried over. Needs the ``datasets`` package.
+    one is built from ``reasoning`` and ``answer`` ("Answer: ..."). A column that maps to no field
+    is an error listing them all, unless ``drop`` (``"source,url"`` or a list) names it: nothing
+    is left out unsaid. Needs the ``datasets`` package.
     """
     return samples_only(hf_disk_records(path, split, mapping, **kwargs))
 
