@@ -142,7 +142,7 @@ class Decoder:
         key = (batch, length)
         if self.cache is None or self.cache[0]() is not model or self.cache[1] != key:
             self.cache = None  # the old cache's memory goes before the new one is allocated
-            self.cache = (weakref.ref(model), key, StaticCache(config=model.config, max_cache_len=length))
+            self.cache = (weakref.ref(model), key, _StaticCache(config=model.config, max_cache_len=length))
         cache = self.cache[2]
         cache.reset()
         return cache
@@ -152,6 +152,19 @@ class Decoder:
             self.told.add(reason)
             if main_process():
                 print(f"mmdistill: rollouts decode eagerly: {reason}", file=sys.stderr)
+
+
+class _StaticCache(StaticCache):
+    """Keys and values kept in the dtype of the first ones a layer stores. Under bf16 autocast a
+    model can write its prompt's keys in float32 (rotary embeddings computed in float32, as
+    transformers 5.17 does) and the decoding steps' in bf16, which a static tensor refuses; bf16 to
+    float32 is exact, and an eager (dynamic) cache promotes them the same way."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if layer.is_initialized and layer.keys is not None and key_states.dtype != layer.keys.dtype:
+            key_states, value_states = key_states.to(layer.keys.dtype), value_states.to(layer.values.dtype)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def _root_cause(exc: BaseException) -> str:
