@@ -195,7 +195,7 @@ def test_errors_fall_back_only_until_the_fast_path_has_worked(tok, cfg, model, m
     def unfit(**kwargs):
         raise TypeError("StaticCache.__init__() got an unexpected keyword argument 'max_cache_len'")
 
-    monkeypatch.setattr(decoding, "StaticCache", unfit)
+    monkeypatch.setattr(decoding, "_StaticCache", unfit)
     capsys.readouterr()
     _, fallen = rollouts(tok, cfg, model, "on", [0], temperature=0.0)
     assert capsys.readouterr().err.strip() == ("mmdistill: rollouts decode eagerly: the compiled decoding failed "
