@@ -155,16 +155,17 @@ class Decoder:
 
 
 class _StaticCache(StaticCache):
-    """Keys and values kept in the dtype of the first ones a layer stores. Under bf16 autocast a
-    model can write its prompt's keys in float32 (rotary embeddings computed in float32, as
-    transformers 5.17 does) and the decoding steps' in bf16, which a static tensor refuses; bf16 to
-    float32 is exact, and an eager (dynamic) cache promotes them the same way."""
+    """Keys and values stored in one dtype per layer, chosen at its first write as the wider of the
+    two. Under bf16 autocast a Llama writes float32 keys (rotary embeddings computed in float32)
+    and bf16 values; transformers 5.17's static layer allocates both in the keys' dtype and then
+    refuses the bf16 values (measured on an H200: every fast rollout fell back to eager), and the
+    decoding steps write bf16 keys. bf16 to float32 is exact, so nothing stored changes value."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = self.layers[layer_idx]
-        if layer.is_initialized and layer.keys is not None and key_states.dtype != layer.keys.dtype:
-            key_states, value_states = key_states.to(layer.keys.dtype), value_states.to(layer.values.dtype)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        stored = layer.keys if layer.is_initialized and layer.keys is not None else None
+        dtype = stored.dtype if stored is not None else torch.promote_types(key_states.dtype, value_states.dtype)
+        return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -242,25 +242,26 @@ def test_gpu_defaults(configured, tf32, environ, cuda, bf16, deepspeed, expected
     assert device_defaults(configured, tf32, environ, cuda=cuda, bf16=bf16, deepspeed=deepspeed) == expected
 
 
-def test_the_static_cache_takes_later_keys_in_another_dtype():
-    """Under bf16 autocast a model may store its prompt's keys in float32 and then decode in bf16
-    (transformers 5.17's rotary embeddings: measured on an H200, where the plain StaticCache
-    refused them and every rollout fell back to eager). The bf16 keys land exactly, as float32."""
+def test_the_static_cache_stores_keys_and_values_of_mixed_dtypes_exactly():
+    """Under bf16 autocast a Llama writes float32 keys (float32 rotary embeddings) and bf16 values,
+    then decodes in bf16 (transformers 5.17 on an H200: its static layer allocated both in the keys'
+    dtype, refused the bf16 values, and every rollout fell back to eager). Everything lands exactly,
+    as float32."""
     from transformers import LlamaConfig
 
     from mmdistill.models.decoding import _StaticCache
 
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    first = torch.randn(2, 1, 3, 8)
+    keys, values = torch.randn(2, 1, 3, 8), torch.randn(2, 1, 3, 8).to(torch.bfloat16)
     later = torch.randn(2, 1, 1, 8).to(torch.bfloat16)
-    kwargs = {"cache_position": torch.arange(3)}
     plain = StaticCache(config=config, max_cache_len=8)
-    plain.update(first, first, 0, kwargs)
-    with pytest.raises(RuntimeError, match="dtype"):
+    plain.update(keys, keys, 0, {"cache_position": torch.arange(3)})
+    with pytest.raises(RuntimeError, match="dtype"):  # what the plain cache does with a later bf16 write
         plain.update(later, later, 0, {"cache_position": torch.tensor([3])})
     cache = _StaticCache(config=config, max_cache_len=8)
-    cache.update(first, first, 0, kwargs)
-    keys, values = cache.update(later, later, 0, {"cache_position": torch.tensor([3])})
-    assert keys.dtype == torch.float32 and torch.equal(keys[:, :, 3:4], later.float())
-    assert torch.equal(keys[:, :, :3], first) and torch.equal(values[:, :, 3:4], later.float())
+    cache.update(keys, values, 0, {"cache_position": torch.arange(3)})
+    got_k, got_v = cache.update(later, later, 0, {"cache_position": torch.tensor([3])})
+    assert got_k.dtype == got_v.dtype == torch.float32
+    assert torch.equal(got_k[:, :, :3], keys) and torch.equal(got_v[:, :, :3], values.float())
+    assert torch.equal(got_k[:, :, 3:4], later.float()) and torch.equal(got_v[:, :, 3:4], later.float())
