@@ -8,7 +8,7 @@ import sys
 
 from omegaconf import OmegaConf
 
-from mmdistill.config import DEFAULT_CONFIG, ConfigError, load_config
+from mmdistill.config import DEFAULT_CONFIG, ConfigError, check_paths, load_config
 
 
 def _config(path, overrides: list[str]):
@@ -18,6 +18,23 @@ def _config(path, overrides: list[str]):
     except ConfigError as exc:
         print(f"mmdistill: {exc}", file=sys.stderr)
         return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without the quotes str() adds)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _traceback(args: argparse.Namespace) -> bool:
+    """--traceback or MMDISTILL_TRACEBACK=1: a bad input's error with its traceback, not one line."""
+    return bool(getattr(args, "traceback", False)) or os.environ.get("MMDISTILL_TRACEBACK", "") not in ("", "0")
+
+
+def _offline() -> None:
+    """Models and tokenizers are loaded from local directories only (models/loading.py passes
+    local_files_only too); set before transformers or huggingface_hub is imported."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -31,6 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     try:
+        check_paths(cfg)  # a missing model or data path: one line in a second, before torch is imported
         launcher = None if args.no_launch else _default_launch()
     except ConfigError as exc:
         print(f"mmdistill: {exc}", file=sys.stderr)
@@ -39,8 +57,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)",
               file=sys.stderr)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
-               *([config] if config is not None else []), *overrides]
+               *([config] if config is not None else []), *overrides, *(["--traceback"] if args.traceback else [])]
         return subprocess.call(cmd)
+    _offline()
     from mmdistill.distributed.launch import launcher_fsdp
     from mmdistill.training.loop import train
     from mmdistill.training.stopping import Stopped
@@ -52,15 +71,20 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         train(cfg)
-    except (FileExistsError, ConfigError) as exc:  # a finished run's directory, a launch it cannot honour: one line
-        print(f"mmdistill: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # a non-finite loss: every rank stops at the same step
+    except FloatingPointError as exc:  # a non-finite loss, gradient or weight: every rank stops at the same step
         print(f"mmdistill: {exc}", file=sys.stderr)
         return 1
     except Stopped as exc:  # a scheduler's signal: checkpointed, resumable
         print(f"mmdistill: {exc}", file=sys.stderr)
         return exc.code
+    except (ValueError, KeyError, OSError) as exc:
+        # Bad input (a config, a path, data, a model, a checkpoint): one line, as config errors;
+        # ConfigError, ShardError, EmptySplit, ContextTooLong, TemplateError, CheckpointError are
+        # ValueErrors, a missing field a KeyError, a run directory that holds checkpoints an OSError.
+        if _traceback(args):
+            raise
+        print(f"mmdistill: {_one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -95,14 +119,27 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = _config(target, list(args.overrides))
     if cfg is None:
         return 2
+    role = cfg.eval.model
+    if role.startswith("teacher"):
+        models = ("teacher.model",)
+    else:  # a run's student is its run directory's, checked when it loads
+        models = () if run_dir and role in ("student", "student_priv") else ("student",)
+    try:
+        check_paths(cfg, models=models, eval_splits=True)  # before torch is imported, and any model loads
+    except ConfigError as exc:
+        print(f"mmdistill: {exc}", file=sys.stderr)
+        return 2
+    _offline()
     from mmdistill.evaluation.evaluate import run_eval
     from mmdistill.reporting.tables import eval_markdown, write_eval
 
     try:
         result, out_dir = run_eval(cfg, run_dir)
         write_eval(result, out_dir)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as exc:
+        if _traceback(args):
+            raise
+        print(f"mmdistill: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(eval_markdown(result))
     for warning in result.get("warnings", []):  # also at the top of the table; here for a reader of stderr
@@ -115,6 +152,7 @@ def _selfcheck(args: argparse.Namespace) -> int:
     cfg = _config(args.config or "tiny", list(args.overrides))
     if cfg is None:
         return 2
+    _offline()
     from mmdistill.evaluation.selfcheck import main as selfcheck_main
 
     return selfcheck_main(cfg)
@@ -179,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-launch", action="store_true",
                    help="train in this process even when accelerate's default config (`accelerate config`) "
                         "asks for several")
+    p.add_argument("--traceback", action="store_true",
+                   help="a bad input's error with its traceback, not one line (also MMDISTILL_TRACEBACK=1)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="score a student (or the teacher) on test splits: mmdistill eval CONFIG_OR_RUN_DIR",
@@ -189,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "the privileged context (DOPD's self-teacher).")
     p.add_argument("target", help="a run directory (with config.yaml) or a config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.splits={ood: data/ood}")
+    p.add_argument("--traceback", action="store_true",
+                   help="a bad input's error with its traceback, not one line (also MMDISTILL_TRACEBACK=1)")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("selfcheck", help="check each method: zero loss when teacher == student",

@@ -78,6 +78,39 @@ def test_config_error_is_reported_before_heavy_imports(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("overrides, line", [
+    (["student.path=/nope/model"], "config key 'student.path': '/nope/model' does not exist"),
+    (["student.path=someorg/somemodel"],
+     "config key 'student.path' is 'someorg/somemodel', which is not a local directory: "
+     "mmdistill loads local directories and files only and never downloads"),
+    (["teacher.model.path=someorg/teacher"],
+     "config key 'teacher.model.path' is 'someorg/teacher', which is not a local"),
+    (["data.source=jsonl", "data.train_path=/nope/train.jsonl"],
+     "config key 'data.train_path': '/nope/train.jsonl' does not exist"),
+])
+def test_a_missing_path_is_one_line_before_heavy_imports(tmp_path, overrides, line):
+    """Nothing is loaded and the Hub is never asked: torch and transformers are not even imported."""
+    code = (
+        "import sys\n"
+        "from mmdistill.cli import main\n"
+        f"rc = main(['train', 'tiny', *{overrides!r}, 'train.output_dir={tmp_path / 'x'}'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules)\n"
+        "print(rc, heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "2 []"
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mmdistill: {line}"), r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_checks_its_split_paths_before_loading(tmp_path):
+    r = run_cli("eval", "tiny", "eval.splits={ood: /nope/ood.jsonl}")
+    assert r.returncode == 2
+    assert r.stderr == "mmdistill: config key 'eval.splits.ood': '/nope/ood.jsonl' does not exist\n"
+
+
 def test_override_without_equals_exits_2():
     r = run_cli("train", "tiny", "train.max_steps")
     assert r.returncode == 2

@@ -169,15 +169,19 @@ class TextAdapter:
         """The sample's fields as `privileged.text` sees them at this level."""
         fields = dict(sample)
         if level == "partial":
-            fields[self.priv.partial_field] = cut_prefix(self._field(sample, self.priv.partial_field),
-                                                         self.priv.partial_ratio, self.priv.partial_cut)
+            if self.priv.partial_field not in sample:
+                raise KeyError(f"sample '{sample.get('id', '?')}' has no field '{self.priv.partial_field}' that the "
+                               "partial view cuts (privileged.partial_field)")
+            fields[self.priv.partial_field] = cut_prefix(sample[self.priv.partial_field], self.priv.partial_ratio,
+                                                         self.priv.partial_cut)
         return fields
 
     def privileged_text(self, sample: dict, level: str | None) -> str:
         if level is None:
             return ""
+        fields = self.fields(sample, level)
         try:
-            return self.priv.text.format_map(self.fields(sample, level)).strip()
+            return self.priv.text.format_map(fields).strip()
         except KeyError as exc:
             raise KeyError(f"sample '{sample.get('id', '?')}' has no field {exc} needed by privileged.text") from None
 

@@ -60,6 +60,16 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+    except yaml.YAMLError:
+        return False
+    except OmegaConfBaseException:
+        pass
+    return True
+
+
 def _sugar(overrides: list[str]) -> list[str]:
     """`method=NAME` selects a method group, as the user would expect."""
     return [f"method.name={o.split('=', 1)[1]}" if o.startswith("method=") else o for o in overrides]
@@ -104,6 +114,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         layers.append(OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    except yaml.YAMLError:  # a value YAML cannot read, e.g. unquoted braces
+        bad = next(o for o in overrides if not _parses(o))
+        raise ConfigError(f"override '{bad}': the value is not valid YAML; quote it, e.g. "
+                          "'privileged.text=\"{reasoning}\"'") from None
     for layer in layers:
         clash = _group_clash(schema, OmegaConf.to_container(layer, resolve=False))
         if clash:
@@ -129,3 +143,36 @@ def method_options(cfg: DictConfig) -> dict[str, Any]:
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+# Keys a resumed run may change without train.resume_changed: where the run lives and how it
+# resumes, how long it runs (a longer train.max_steps extends it: the cosine schedule is then
+# recomputed for the new length), and what it logs and keeps. Every other key changes what is
+# trained (model, data, method, optimizer, rollouts, precision) or how held-out accuracy is
+# measured, so a resumed run with a different value would not be the run it continues.
+RESUME_FREE = ("train.output_dir", "train.resume", "train.resume_changed", "train.max_steps", "train.progress",
+               "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "eval.every")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(before: str | Path, after: DictConfig) -> tuple[list[str], list[str]]:
+    """(every key whose value differs from the config saved at `before` but train.resume and
+    train.resume_changed, those of them a resume may not change without train.resume_changed),
+    each as `key (old -> new)`. A key the saved config lacks (written by an older mmdistill)
+    counts as the schema's default."""
+    old = _flat(OmegaConf.to_container(_read_yaml(Path(before)), resolve=False))
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+    new = _flat(OmegaConf.to_container(after, resolve=True))
+    ignored = ("train.resume", "train.resume_changed")
+    changed = [k for k, v in new.items() if old.get(k, defaults.get(k)) != v and k not in ignored]
+    described = {k: f"{k} ({old.get(k, defaults.get(k))!r} -> {new[k]!r})" for k in changed}
+    return [described[k] for k in changed], [described[k] for k in changed if k not in RESUME_FREE]

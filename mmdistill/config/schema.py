@@ -228,6 +228,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2  # 0 = write none (the final student is still saved; the run cannot be resumed)
     resume: str = "none"  # none | auto | a checkpoint directory
+    # Resume with a config that differs from the run's config.yaml in a key that changes what is
+    # trained (config/loading.py RESUME_FREE lists the keys that may change without it).
+    resume_changed: bool = False
     max_length: int = 0  # prompt + response token budget; 0 = the student's max positions
     progress: bool = True
     # no | bf16 | fp16 (autocast for the student); null = accelerate's config / launcher flag, else

@@ -2,6 +2,10 @@
 line naming the key."""
 from __future__ import annotations
 
+import math
+import re
+import string
+
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill.config.schema import ConfigError
@@ -27,9 +31,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's step sizes are float32
+
 NULLABLE = {"train.mixed_precision"}  # null: accelerate's config file or launcher flag, else bf16 on a GPU (launch.py)
 
-# key -> (lowest, highest, whether the lowest is allowed)
+# key -> (lowest, highest, whether the lowest is allowed[, whether the highest is allowed (default: yes)]).
+# Every value must also be finite: inf passes `v <= inf`, and would make no sense for any key.
 RANGES: dict[str, tuple[float, float, bool]] = {
     "teacher.ema_decay": (0.0, 1.0, True),
     "privileged.partial_ratio": (0.0, 1.0, True),
@@ -54,6 +61,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "rollout.top_p": (0.0, 1.0, False),
     "rollout.num_rollouts": (0, float("inf"), False),
     "optim.lr": (0.0, float("inf"), False),
+    "optim.beta1": (0.0, 1.0, True, False),
+    "optim.beta2": (0.0, 1.0, True, False),
+    "optim.weight_decay": (0.0, float("inf"), True),
     "optim.warmup_ratio": (0.0, 1.0, True),
     "optim.grad_clip": (0.0, float("inf"), True),
     "train.max_steps": (0, float("inf"), False),
@@ -94,11 +104,17 @@ def validate(cfg: DictConfig) -> None:
             continue
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is '{value}'; allowed: {', '.join(allowed)}")
-    for key, (lo, hi, lo_ok) in RANGES.items():
+    for key, (lo, hi, lo_ok, *rest) in RANGES.items():
+        hi_ok = rest[0] if rest else True
         v = OmegaConf.select(cfg, key)
-        if not ((v >= lo if lo_ok else v > lo) and v <= hi):
-            bound = f"{'[' if lo_ok else '('}{lo}, {hi}]"
+        if not (math.isfinite(v) and (v >= lo if lo_ok else v > lo) and (v <= hi if hi_ok else v < hi)):
+            bound = f"{'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok and math.isfinite(hi) else ')'}"
             raise ConfigError(f"config key '{key}' is {v}; must be in {bound}")
+    if cfg.optim.lr / (1 - cfg.optim.beta1) > FLOAT32_MAX:
+        raise ConfigError(f"config key 'optim.lr' is {cfg.optim.lr}: AdamW's first step size lr / (1 - beta1) exceeds "
+                          f"float32's largest number ({FLOAT32_MAX:.4g})")
+    _check_format("privileged.template", cfg.privileged.template, allowed={"prompt", "privileged"})
+    _check_format("privileged.text", cfg.privileged.text)
     if cfg.data.source in ("jsonl", "shards") and not cfg.data.train_path:
         raise ConfigError(f"config key 'data.train_path' must be set when data.source={cfg.data.source}")
     bad = sorted(set(cfg.method.dopd.regimes) - {"ht", "lh", "hs", "ll"})
@@ -146,3 +162,17 @@ def validate(cfg: DictConfig) -> None:
                           "(greedy rollouts are identical)")
 
 
+def _check_format(key: str, text: str, allowed: set[str] | None = None) -> None:
+    """A str.format template: well-formed, named fields only, and (given `allowed`) only those.
+    Which fields privileged.text may name depends on the data: the preflight checks that."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"config key '{key}' is {text!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    for name in names:
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not base or base.isdigit():
+            raise ConfigError(f"config key '{key}' is {text!r}: every field needs a name, e.g. {{hint}}")
+        if allowed is not None and base not in allowed:
+            raise ConfigError(f"config key '{key}' names the field {{{base}}}; it may use only "
+                              + ", ".join(f"{{{a}}}" for a in sorted(allowed)))

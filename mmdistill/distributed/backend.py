@@ -11,10 +11,12 @@ time where the engine shards them.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from mmdistill.config import ConfigError
 from mmdistill.distributed import gather
@@ -43,6 +45,24 @@ class Backend:
     def barrier(self) -> None:
         if self.accelerator:
             self.accelerator.wait_for_everyone()
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank: a collective every rank calls, so that a decision
+        one rank makes alone (stop, skip a damaged checkpoint) is made by all."""
+        if self.world_size == 1:
+            return bool(flag)
+        found = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(found, "sum").item() > 0)
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank: a collective."""
+        return [obj] if self.world_size == 1 else gather_object([obj])
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16's dynamic loss scaler is on: a non-finite gradient norm is then an overflow it
+        skips the step for and lowers its scale, routine and not a reason to stop."""
+        return getattr(self.accelerator, "scaler", None) is not None
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model) if self.accelerator else model
@@ -74,11 +94,14 @@ class Backend:
         self.accelerator.backward(loss)
 
     def optimizer_step(self, model: torch.nn.Module, optimizer, clip: float) -> float:
-        """Clip, step and zero the gradients; returns the gradient norm before clipping."""
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        """Clip, step and zero the gradients; returns the gradient norm before clipping. A
+        non-finite norm (it is the norm of the gradients of every rank, the same on each) skips
+        the step: nothing is applied (under loss scaling the scaler skips it itself)."""
+        norm = float(self.accelerator.clip_grad_norm_(model.parameters(), clip))
+        if math.isfinite(norm) or self.loss_scaling:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     # -- whole weights --------------------------------------------------------------------------
     def parameters(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:

@@ -27,6 +27,7 @@ DeepSpeed would not have gathered them).
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -79,7 +80,9 @@ class DeepSpeed(Backend):
 
     def optimizer_step(self, model: torch.nn.Module, optimizer, clip: float) -> float:
         model.set_gradient_accumulation_boundary(True)
-        model.step()  # clips (gradient_clipping), steps and zeroes
+        model.step()  # clips (gradient_clipping), steps and zeroes; skips a step whose gradient norm is not finite
+        if not model.was_step_applied():  # its norm is then not computed: the last one would be reported
+            return math.nan
         norm = model.get_global_grad_norm()
         return float(norm.item() if torch.is_tensor(norm) else norm)
 

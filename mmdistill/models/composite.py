@@ -474,4 +474,4 @@ class CompositeProcessor:
         fields = json.loads((directory / PROCESSOR_FILE).read_text())
         fields.pop("processor", None)
         # An empty config: the directory's config.json describes the composite, not a model transformers knows.
-        return cls(AutoTokenizer.from_pretrained(directory, config=PretrainedConfig()), **fields)
+        return cls(AutoTokenizer.from_pretrained(directory, config=PretrainedConfig(), local_files_only=True), **fields)

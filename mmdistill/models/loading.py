@@ -1,5 +1,8 @@
 """Loading students and teachers: a local Hugging Face model (causal LM, native VLM or saved
-composite), a GGUF, or a random init (a causal LM, or a composite VLM built from parts)."""
+composite), a GGUF, or a random init (a causal LM, or a composite VLM built from parts).
+
+Local files only: every load passes `local_files_only`, so nothing here contacts the Hugging
+Face Hub (config/paths.py names a missing path before a load is tried)."""
 from __future__ import annotations
 
 import json
@@ -28,7 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or cfg.path or str(DEFAULT_TOKENIZER)
     kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, local_files_only=True,
+                                        **kwargs)
     if tok.chat_template is None:
         raise ValueError(f"tokenizer '{source}' has no chat template; set one or use a chat model")
     if tok.pad_token_id is None:
@@ -45,7 +49,7 @@ def load_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 
                                     "(no hub downloads: give a local directory)")
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kwargs
+            cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True, **kwargs
         )
         if cfg.gguf_file:  # dequantised to `dtype` on load: what we train and save is a plain model
             model.hf_quantizer = None
@@ -91,7 +95,7 @@ def load(cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, Any]:
         tok = load_tokenizer(cfg)
         if cfg.vision.lm_path:
             lm = AutoModelForCausalLM.from_pretrained(cfg.vision.lm_path, dtype=DTYPES[cfg.dtype],
-                                                      trust_remote_code=cfg.trust_remote_code)
+                                                      trust_remote_code=cfg.trust_remote_code, local_files_only=True)
         else:
             lm = load_model(cfg, tok, seed)
         spec = {"tower": OmegaConf.to_container(cfg.vision.tower),
@@ -101,12 +105,29 @@ def load(cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     if kind == "composite":
         return (CompositeVLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype]),
                 CompositeProcessor.from_pretrained(cfg.path))
-    proc = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    proc = load_processor(cfg)
+    model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype],
+                                                        trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    return model, proc
+
+
+def load_processor(cfg: DictConfig) -> Any:
+    """What renders the model's prompts, without loading the model (seconds, where a model can
+    take minutes): the tokenizer (text), the processor (a Hugging Face VLM) or a composite's.
+    A new composite's processor is made with its tower; until then this one stands in for it:
+    it renders the same chat text (one image token per image), and adds the image token to
+    the tokenizer as the real one does, so vocabularies compare as they will in training."""
+    kind = model_kind(cfg.path) if cfg.path else ("composite" if cfg.vision.tower.name else "text")
+    if kind == "text":
+        return load_tokenizer(cfg)
+    if kind == "composite" and not cfg.path:
+        return CompositeProcessor(load_tokenizer(cfg), 1, cfg.vision.tower.image_size, (0.5,) * 3, (0.5,) * 3)
+    if kind == "composite":
+        return CompositeProcessor.from_pretrained(cfg.path)
+    proc = AutoProcessor.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
     if proc.tokenizer.pad_token_id is None:
         proc.tokenizer.pad_token = proc.tokenizer.eos_token
-    model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype],
-                                                        trust_remote_code=cfg.trust_remote_code)
-    return model, proc
+    return proc
 
 
 def tokenizer_of(proc: Any) -> PreTrainedTokenizerBase:

@@ -9,14 +9,24 @@ from pathlib import Path
 import torch
 
 from mmdistill.models.weights import tied_names
+from mmdistill.training.checkpoint import newest_line, not_finite
 from mmdistill.training.setup import Run
 
 
-def save_student(run: Run) -> Path:
+def save_student(run: Run, step: int) -> Path:
     """RUN_DIR/student, written by the main process (every rank takes part in gathering a sharded
-    student's weights)."""
+    student's weights). Weights that are not finite are never saved: FloatingPointError on
+    every rank instead."""
     final = run.run_dir / "student"
     weights = run.backend.export_weights(run.plain)
+    if weights is None:  # the model's own, whole on every rank
+        bad = not_finite(dict(run.plain.state_dict()))
+    else:  # gathered by the backend, on the main process
+        bad = not_finite(weights) if run.backend.main else None
+    bad = next((found for found in run.backend.gather_objects(bad) if found), None)
+    if bad:
+        raise FloatingPointError(f"after step {step}: the student's weights are not finite ({bad}); the student "
+                                 f"was not saved; {newest_line(run.run_dir)}")
     if run.accelerator.is_main_process:
         save_pretrained(run.plain, final, weights)
         run.proc.save_pretrained(final)

@@ -82,8 +82,11 @@ def _run(cfg: DictConfig, accelerator, backend, stop: SignalStop) -> Path:
 def _score_before(run: Run) -> Continual | None:
     """Held-out accuracy before training (a fresh run only), and the continual record."""
     if run.test and run.start == 0:
-        run.summary["accuracy_before"] = heldout_accuracy(run.accelerator, run.adapter, run.plain, run.test, run.cfg)
-        run.accelerator.print(f"held-out accuracy before: {run.summary['accuracy_before']:.3f} ({_counted(run)})")
+        run.record["accuracy_before"] = heldout_accuracy(run.accelerator, run.adapter, run.plain, run.test, run.cfg)
+        before = run.record["accuracy_before"]
+        run.accelerator.print(f"held-out accuracy before: {before:.3f} ({_counted(run)})")
+    if "accuracy_before" in run.record:  # a resumed run's, from its checkpoint
+        run.summary["accuracy_before"] = run.record["accuracy_before"]
     continual = Continual(run.run_dir, run.stages, run.cfg, run.accelerator) if len(run.stages) > 1 else None
     if continual and run.start == 0:
         continual.baseline = continual.scores(run.adapter, run.plain)
@@ -99,7 +102,7 @@ def _counted(run: Run) -> str:
 
 def _finish(run: Run, step: int, continual: Continual | None) -> None:
     """The student saved, every replica's checksum, held-out accuracy after, summary.json."""
-    final = save_student(run)
+    final = save_student(run, step)
     run.summary["replica_checksums"] = gather_object([weights_checksum(run.backend.whole_items(run.plain))])
     if run.test:
         run.summary["accuracy_after"] = heldout_accuracy(run.accelerator, run.adapter, run.plain, run.test, run.cfg)

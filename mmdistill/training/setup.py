@@ -1,6 +1,10 @@
 """Everything a run holds, built once before its first step: the method, the student (prepared
 by the distributed backend), the teacher and the frozen initial student its views need, the
-adapter, the data stream, the optimizer and schedule; resumed from a checkpoint when asked."""
+adapter, the data stream, the optimizer and schedule; resumed from a checkpoint when asked.
+
+Before the run directory is made or any model loads: the preflight (preflight.py), the
+checkpoint to resume from (checked file by file), and a resumed run's config against the one
+it continues (a change is refused unless train.resume_changed=true)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +16,7 @@ from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
 from mmdistill.adapters import TextAdapter, build_adapter
-from mmdistill.config import method_options, save_config
+from mmdistill.config import ConfigError, config_changes, method_options, save_config
 from mmdistill.core.views import VIEW_SPEC
 from mmdistill.data.sources import load_split, skipped_line
 from mmdistill.data.stream import StagedStream, stages_of
@@ -21,8 +25,9 @@ from mmdistill.methods.registry import Method, build_method
 from mmdistill.models.loading import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill.models.teachers import Teacher, frozen_copy
 from mmdistill.models.weights import is_sharded
-from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint
+from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, resume_point
 from mmdistill.training.logs import RolloutLog
+from mmdistill.training.preflight import preflight
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     rollouts: RolloutLog | None = None  # rollout samples written as the run goes
     test_skipped: int = 0  # bad held-out samples skipped under data.on_bad_sample=skip
+    record: dict = field(default_factory=dict)  # what a resumed run carries over (accuracy_before), in its checkpoints
 
     @property
     def total(self) -> int:
@@ -55,13 +61,15 @@ class Run:
     def checkpointed(self) -> dict:
         """What a checkpoint holds (save_checkpoint's and load_checkpoint's keyword arguments)."""
         return dict(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler, teacher=self.teacher,
-                    stream=self.stream, backend=self.backend)
+                    stream=self.stream, backend=self.backend, record=self.record)
 
 
 def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
+    preflight(cfg)  # paths, tokenizers, templates, the first samples: seconds, before any model or the run directory
+    resume_from = resume_point(cfg.train.resume, Path(cfg.train.output_dir), backend)
+    run_dir = _prepare_run_dir(cfg, accelerator.is_main_process, resume_from)
     # ranks sample differently; weights start equal (seeded init, DDP broadcast)
     set_seed(cfg.train.seed, device_specific=True)
-    run_dir = _prepare_run_dir(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     method = build_method(cfg.method.name, **method_options(cfg))
     student, proc = load(cfg.student, seed=cfg.train.seed)
@@ -98,9 +106,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     student, optimizer = backend.prepare(student, optimizer)
     run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher,
               init, adapter, stages, stream, test, optimizer, scheduler, test_skipped=test_stats["bad"])
-    resume_from = _resume_path(cfg, run_dir)
     if resume_from is not None:
-        run.start = load_checkpoint(resume_from, **run.checkpointed())
+        run.start = load_checkpoint(resume_from, **run.checkpointed(), checked=True)
         accelerator.print(f"resumed from {resume_from} at step {run.start}")
     run.summary = {"method": cfg.method.name, "run_dir": str(run_dir), "processes": accelerator.num_processes,
                    "distributed": accelerator.distributed_type.value, "fsdp": cfg.train.fsdp,
@@ -112,16 +119,35 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     return run
 
 
-def _prepare_run_dir(cfg: DictConfig, main: bool) -> Path:
+def _prepare_run_dir(cfg: DictConfig, main: bool, resume_from: Path | None) -> Path:
+    """The run directory and its config: config.yaml is the first run's; a resume whose config
+    differs (beyond train.resume) is saved beside it as config.resume-N.yaml, and one that
+    differs in a key that changes what is trained is refused unless train.resume_changed=true."""
     run_dir = Path(cfg.train.output_dir)
     if cfg.train.resume == "none" and list_checkpoints(run_dir):
         raise FileExistsError(
             f"train.output_dir '{run_dir}' already holds checkpoints; set train.resume=auto to continue it "
             "or choose another train.output_dir"
         )
+    first = run_dir / "config.yaml"
+    before = first if first.is_file() else (resume_from.parent.parent / "config.yaml" if resume_from else None)
+    changed, refused = [], []
+    if resume_from is not None and before is not None and before.is_file():
+        changed, refused = config_changes(before, cfg)
+        if refused and not cfg.train.resume_changed:
+            shown = ", ".join(refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+            raise ConfigError(f"train.resume: the config differs from {before} in {shown}; set "
+                              f"train.resume_changed=true to continue {resume_from.name} with it anyway "
+                              f"({first.name} keeps the first config)")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not first.is_file() or resume_from is None:
+            save_config(cfg, first)
+        elif changed:
+            n = 1
+            while (run_dir / f"config.resume-{n}.yaml").exists():
+                n += 1
+            save_config(cfg, run_dir / f"config.resume-{n}.yaml")
     return run_dir
 
 
@@ -135,15 +161,3 @@ def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teac
         check_same_vocab(tokenizer_of(proc), tokenizer_of(t_proc), f"teacher.model.path={cfg.teacher.model.path}")
         model = model.to(device)
     return Teacher(cfg.teacher.mode, student, model, cfg.teacher.ema_decay), t_proc
-
-
-def _resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
-    if cfg.train.resume == "none":
-        return None
-    if cfg.train.resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(cfg.train.resume)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"train.resume: '{path}' is not a complete checkpoint directory")
-    return path

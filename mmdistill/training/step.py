@@ -46,7 +46,9 @@ def train_step(run: Run, step: int) -> dict | None:
     with timed(timing, "time_optimizer"):
         lr = run.scheduler.get_last_lr()[0]
         clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = run.backend.optimizer_step(run.student, run.optimizer, clip)
+        grad_norm = run.backend.optimizer_step(run.student, run.optimizer, clip)  # not applied if not finite
+        if not run.backend.loss_scaling:  # fp16's scaler skips an overflowing step and lowers its scale: routine
+            stop_if_not_finite(run.accelerator, step, grad_norm, run.run_dir, what="the gradient norm")
         run.scheduler.step()
         if run.teacher is not None:
             run.teacher.update(run.backend.parameters(run.plain))

@@ -1,11 +1,13 @@
 """A run that stops early stops on every rank at the same step.
 
-Two causes: a loss that is not finite (stop before the backward: nothing of the step is
-applied), and a scheduler's signal, SIGTERM or SIGUSR1 (SLURM sends SIGTERM at the time limit
-and, with `--signal=USR1@SECONDS`, a warning before it; preemption sends SIGTERM): the run
-finishes its step, writes a checkpoint and exits, so `train.resume=auto` loses nothing. A rank
-deciding alone would leave the others waiting in a collective for it, so each decision is
-agreed over all ranks first (one small collective per step).
+Three causes: a loss that is not finite (stop before the backward: nothing of the step is
+applied), a gradient norm that is not finite (the backend skipped the optimizer step: nothing
+of it is applied either; a finite loss can have one, e.g. at a huge learning rate), and a
+scheduler's signal, SIGTERM or SIGUSR1 (SLURM sends SIGTERM at the time limit and, with
+`--signal=USR1@SECONDS`, a warning before it; preemption sends SIGTERM): the run finishes its
+step, writes a checkpoint and exits, so `train.resume=auto` loses nothing. A rank deciding
+alone would leave the others waiting in a collective for it, so each decision is agreed over
+all ranks first (one small collective per step).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mmdistill.training.checkpoint import list_checkpoints
+from mmdistill.training.checkpoint import newest_line
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -28,19 +30,16 @@ class Stopped(Exception):
         self.code = 128 + signum
 
 
-def _newest(run_dir: Path) -> str:
-    newest = list_checkpoints(run_dir)
-    return (f"the newest checkpoint is {newest[-1]} (train.resume=auto continues from it)" if newest
-            else "no checkpoint yet")
-
-
-def stop_if_not_finite(accelerator, step: int, loss: torch.Tensor, run_dir: Path) -> None:
-    """Raise FloatingPointError on every rank when any rank's loss is NaN or infinite."""
-    bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=accelerator.device))
+def stop_if_not_finite(accelerator, step: int, value: torch.Tensor | float, run_dir: Path,
+                       what: str = "the loss") -> None:
+    """Raise FloatingPointError on every rank when any rank's `value` (the loss, the gradient
+    norm) is NaN or infinite."""
+    value = torch.as_tensor(value).detach()
+    bad = accelerator.gather(torch.tensor([0.0 if torch.isfinite(value) else 1.0], device=accelerator.device))
     ranks = [r for r, b in enumerate(bad.tolist()) if b]
     if ranks:
-        raise FloatingPointError(f"step {step}: the loss is not finite on rank(s) {ranks} "
-                                 f"(this rank's: {loss.item()}); the step was not applied; {_newest(run_dir)}")
+        raise FloatingPointError(f"step {step}: {what} is not finite on rank(s) {ranks} (this rank's: {value.item()}); "
+                                 f"the step was not applied; {newest_line(run_dir)}")
 
 
 class SignalStop:
@@ -75,4 +74,4 @@ class SignalStop:
 
 def stopped_by(signum: int, step: int, run_dir: Path) -> Stopped:
     """The exception for a signal the ranks agreed on, after the step they checkpointed."""
-    return Stopped(f"stopped by {signal.Signals(signum).name} after step {step}; {_newest(run_dir)}", signum)
+    return Stopped(f"stopped by {signal.Signals(signum).name} after step {step}; {newest_line(run_dir)}", signum)

@@ -262,6 +262,18 @@ def test_bad_teacher_mode_message():
         ("teacher.ema_decay=1.5", "teacher.ema_decay"),
         ("rollout.temperature=-1", "rollout.temperature"),
         ("data.arith.digits=7", "data.arith.digits"),
+        # values that pass a bound check but make no sense
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("rollout.temperature=inf", "rollout.temperature"),
+        ("eval.temperature=inf", "eval.temperature"),
+        ("optim.grad_clip=inf", "optim.grad_clip"),
+        ("optim.beta1=2", "optim.beta1"),
+        ("optim.beta1=1", "optim.beta1"),
+        ("optim.beta2=nan", "optim.beta2"),
+        ("optim.beta2=-0.1", "optim.beta2"),
+        ("optim.weight_decay=-5", "optim.weight_decay"),
+        ("optim.weight_decay=inf", "optim.weight_decay"),
     ],
 )
 def test_out_of_range(override, key):
@@ -269,10 +281,38 @@ def test_out_of_range(override, key):
     assert f"'{key}'" in msg and "must be in" in msg
 
 
+def test_a_learning_rate_the_optimizer_cannot_represent():
+    assert config_error(None, ["optim.lr=1e38"]) == ("config key 'optim.lr' is 1e+38: AdamW's first step size "
+                                                     "lr / (1 - beta1) exceeds float32's largest number (3.403e+38)")
+    load_config(None, ["optim.lr=1e37"])
+
+
+def test_a_range_error_shows_its_open_bounds():
+    assert config_error(None, ["optim.lr=inf"]) == "config key 'optim.lr' is inf; must be in (0.0, inf)"
+    assert config_error(None, ["optim.beta2=nan"]) == "config key 'optim.beta2' is nan; must be in [0.0, 1.0)"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("privileged.template=\"{prompt} {hint}\"",
+     "config key 'privileged.template' names the field {hint}; it may use only {privileged}, {prompt}"),
+    ("privileged.template=\"{prompt} {0}\"", "every field needs a name"),
+    ("privileged.text=\"{hint\"", "config key 'privileged.text' is '{hint': "),
+    ("privileged.text=\"a } b\"", "Single '}' encountered"),
+])
+def test_a_template_that_cannot_render_is_a_config_error(override, expected):
+    assert expected in config_error(None, [override])
+
+
+def test_an_override_yaml_cannot_read_is_one_line():
+    msg = config_error(None, ["privileged.template={prompt} {hint}"])
+    assert msg.startswith("override 'privileged.template={prompt} {hint}': the value is not valid YAML; quote it")
+
+
 @pytest.mark.parametrize(
     "override",
     ["rollout.top_p=1", "rollout.top_p=0.01", "optim.warmup_ratio=0", "optim.warmup_ratio=1",
-     "teacher.ema_decay=0", "teacher.ema_decay=1", "rollout.temperature=0", "train.checkpoint_every=0"],
+     "teacher.ema_decay=0", "teacher.ema_decay=1", "rollout.temperature=0", "train.checkpoint_every=0",
+     "optim.beta1=0", "optim.beta2=0.9999", "optim.weight_decay=0", "optim.lr=1e30"],
 )
 def test_range_bounds_that_are_allowed(override):
     load_config(None, [override])

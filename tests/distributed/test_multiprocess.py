@@ -500,3 +500,40 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert sorted("this rank's: nan" in line for line in lines) == [False, True]
     assert all("step_00000001" in line for line in lines)
     assert [row["step"] for row in metrics_rows(run)] == [1]
+
+
+def test_a_damaged_rank_file_makes_every_rank_fall_back_together(ddp, tmp_path):
+    """Only rank 1 reads (and checks) rank_00001.pt: emptied in the newest checkpoint, both ranks
+    pass over that checkpoint together, resume from the one before, and end as the run that was
+    never stopped. One rank falling back alone would have the two resume different steps."""
+    full, _, _ = ddp
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "student")
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step_00000004" / "rank_00001.pt").write_bytes(b"")
+    base = ["data.source=shards", f"data.train_path={full.parent / 'train'}", f"data.test_path={full.parent / 'test'}",
+            "train.max_steps=4", "train.checkpoint_every=2", "train.sample_every=1", "eval.num_samples=2"]
+    r = launch(*base, f"train.output_dir={run}", "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-4000:]
+    passed = [line for line in r.stderr.splitlines() if "passing over damaged" in line]
+    assert passed == [f"mmdistill: passing over damaged checkpoint(s): step_00000004: rank_00001.pt does not match its "
+                      f"sha256 in SHA256SUMS: truncated or altered (0 bytes); resuming from the newest intact one, "
+                      f"{run / 'checkpoints' / 'step_00000002'}"], r.stderr[-3000:]
+    assert "at step 2" in r.stdout
+    assert_resumed_like(full, run)
+
+
+def test_a_checkpoint_of_one_process_is_not_resumed_by_two(tmp_path):
+    run = tmp_path / "run"
+    common = ["train.max_steps=2", "train.checkpoint_every=1", "eval.num_samples=0", "train.sample_every=0"]
+    r = subprocess.run([sys.executable, "-m", "mmdistill", "train", "tiny", *common, f"train.output_dir={run}"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(*common, "train.max_steps=3", f"train.output_dir={run}", "train.resume=auto", config="tiny")
+    assert r.returncode != 0, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("mmdistill: train.resume=auto")]
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert lines == [f"mmdistill: train.resume=auto: checkpoint {ckpt} cannot be resumed: rank_00001.pt is missing: "
+                     "the checkpoint holds the state of 1 process(es) (rank_00000.pt) and this run has more; resume "
+                     "with the same number of processes"] * 2, r.stderr[-3000:]

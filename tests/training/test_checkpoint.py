@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +14,15 @@ from mmdistill.data.sources import load_split
 from mmdistill.data.stream import SampleStream
 from mmdistill.models.loading import load_model
 from mmdistill.models.teachers import Teacher
-from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from mmdistill.training.checkpoint import (
+    CheckpointError,
+    _own_problem,
+    list_checkpoints,
+    load_checkpoint,
+    problem,
+    resume_point,
+    save_checkpoint,
+)
 
 # Untied embeddings: see test_ema_teacher_with_tied_embeddings_saves for the tied case.
 UNTIED = ["student.arch.tie_word_embeddings=false", "data.arith.num_train=40"]
@@ -143,17 +152,19 @@ def test_trainer_state_loads_with_weights_only(cfg, tok, tmp_path, monkeypatch):
     assert calls and all(c is True for c in calls)
 
 
+STATE = ("trainer_state.pt", "rank_00000.pt", "SHA256SUMS")
+
+
 def test_checkpoint_files(cfg, tok, tmp_path):
     a = Run(cfg, tok)
     ckpt = save_checkpoint(tmp_path, 1, **a.objects(), keep=2)
-    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "teacher.safetensors", "trainer_state.pt",
-                                                "rank_00000.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "teacher.safetensors", *STATE}
     # a teacher that holds no trained state is not written
     a.teacher = Teacher("frozen_student", a.student)
     ckpt = save_checkpoint(tmp_path, 2, **a.objects(), keep=2)
-    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "trainer_state.pt", "rank_00000.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", *STATE}
     ckpt = save_checkpoint(tmp_path, 3, **{**a.objects(), "teacher": None}, keep=2)
-    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", "trainer_state.pt", "rank_00000.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"student.safetensors", *STATE}
 
 
 def test_leftover_tmp_directory_is_never_listed(cfg, tok, tmp_path):
@@ -235,3 +246,143 @@ def test_ema_teacher_with_tied_embeddings_saves(tok, tmp_path):
     load_checkpoint(ckpt, **b.objects())
     assert_same(weights(a.teacher.model), weights(b.teacher.model))
     assert b.teacher.model.lm_head.weight is b.teacher.model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------ damaged checkpoints (real files)
+
+
+def _truncate(file, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def _flip_a_bit(file) -> None:
+    """One bit of the last byte (a weight's, not the safetensors header's)."""
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _empty(file) -> None:
+    file.write_bytes(b"")
+
+
+DAMAGE = {
+    "student.safetensors truncated": ("student.safetensors", _truncate),
+    "student.safetensors bit flip": ("student.safetensors", _flip_a_bit),
+    "trainer_state.pt truncated": ("trainer_state.pt", _truncate),
+    "teacher.safetensors bit flip": ("teacher.safetensors", _flip_a_bit),
+    "rank file zero bytes": ("rank_00000.pt", _empty),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_file_is_named_and_never_loaded(cfg, tok, tmp_path, case):
+    name, damage = DAMAGE[case]
+    a = Run(cfg, tok)
+    a.step()
+    ckpt = save_checkpoint(tmp_path, 1, **a.objects(), keep=2)
+    damage(ckpt / name)
+    assert problem(ckpt) == (f"{name} does not match its sha256 in SHA256SUMS: truncated or altered "
+                             f"({(ckpt / name).stat().st_size} bytes)")
+    b = Run(cfg, tok, seed=5)
+    before = weights(b.student)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(ckpt, **b.objects())
+    assert str(info.value).startswith(f"checkpoint {ckpt} cannot be resumed: {name} does not match its sha256")
+    assert_same(weights(b.student), before)  # nothing was loaded
+
+
+def test_sha256sums_is_what_sha256sum_checks(cfg, tok, tmp_path):
+    ckpt = save_checkpoint(tmp_path, 1, **Run(cfg, tok).objects(), keep=2)
+    ok = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=ckpt, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.count(": OK") == 4, ok.stdout
+    _flip_a_bit(ckpt / "student.safetensors")
+    assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=ckpt, capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("name", ["rank_00000.pt", "trainer_state.pt", "student.safetensors"])
+def test_a_missing_file_is_named(cfg, tok, tmp_path, name):
+    ckpt = save_checkpoint(tmp_path, 1, **Run(cfg, tok).objects(), keep=2)
+    (ckpt / name).unlink()
+    assert problem(ckpt) == f"{name} is missing (listed in SHA256SUMS)"
+
+
+def test_a_checkpoint_of_fewer_processes_says_so(cfg, tok, tmp_path):
+    """Rank 1 of a 2-process run looks for its state in a 1-process checkpoint."""
+    ckpt = save_checkpoint(tmp_path, 1, **Run(cfg, tok).objects(), keep=2)
+    msg = _own_problem(ckpt, rank=1, main=False)
+    assert msg == ("rank_00001.pt is missing: the checkpoint holds the state of 1 process(es) (rank_00000.pt) and "
+                   "this run has more; resume with the same number of processes")
+
+
+@pytest.mark.parametrize("name, damage, expected", [
+    ("student.safetensors", _truncate, "student.safetensors cannot be read ("),
+    ("rank_00000.pt", None, "rank_00000.pt is missing"),
+    ("trainer_state.pt", None, "trainer_state.pt is missing"),
+])
+def test_a_checkpoint_without_sha256sums_is_still_checked(cfg, tok, tmp_path, name, damage, expected):
+    """Checkpoints written before SHA256SUMS: their files must be there and their weights' headers read."""
+    ckpt = save_checkpoint(tmp_path, 1, **Run(cfg, tok).objects(), keep=2)
+    (ckpt / "SHA256SUMS").unlink()
+    assert problem(ckpt) is None
+    if damage:
+        damage(ckpt / name)
+    else:
+        (ckpt / name).unlink()
+    assert problem(ckpt).startswith(expected)
+
+
+def test_a_truncated_trainer_state_without_sha256sums_names_the_file(cfg, tok, tmp_path):
+    ckpt = save_checkpoint(tmp_path, 1, **Run(cfg, tok).objects(), keep=2)
+    (ckpt / "SHA256SUMS").unlink()
+    _truncate(ckpt / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint file {ckpt / 'trainer_state.pt'} cannot be read"):
+        load_checkpoint(ckpt, **Run(cfg, tok).objects())
+
+
+def test_resume_auto_passes_over_damaged_checkpoints_to_the_newest_intact_one(cfg, tok, tmp_path, capsys):
+    a = Run(cfg, tok)
+    steps = {s: save_checkpoint(tmp_path, s, **a.objects(), keep=5) for s in (2, 4, 6)}
+    assert resume_point("auto", tmp_path) == steps[6]
+    _truncate(steps[6] / "student.safetensors")
+    (steps[4] / "rank_00000.pt").write_bytes(b"")
+    assert resume_point("auto", tmp_path) == steps[2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("mmdistill: passing over damaged checkpoint(s): step_00000006: student.safetensors "
+                             "does not match its sha256 in SHA256SUMS")
+    assert "step_00000004: rank_00000.pt does not match" in err[0]
+    assert err[0].endswith(f"resuming from the newest intact one, {steps[2]}")
+
+    _flip_a_bit(steps[2] / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match=r"^train.resume=auto: no checkpoint in .* is intact \(step_00000006: "):
+        resume_point("auto", tmp_path)
+    with pytest.raises(CheckpointError, match=r"^train.resume: checkpoint '.*step_00000002' cannot be resumed: "
+                                              r"trainer_state.pt does not match"):
+        resume_point(str(steps[2]), tmp_path)
+    assert resume_point("auto", tmp_path / "elsewhere") is None  # nothing to resume: a fresh run
+    assert resume_point("none", tmp_path) is None
+
+
+def test_non_finite_weights_are_never_checkpointed(cfg, tok, tmp_path):
+    a = Run(cfg, tok)
+    save_checkpoint(tmp_path, 1, **a.objects(), keep=5)
+    with torch.no_grad():
+        a.student.lm_head.weight[3, :2] = float("nan")
+    with pytest.raises(FloatingPointError) as info:
+        save_checkpoint(tmp_path, 2, **a.objects(), keep=5)
+    n = a.student.lm_head.weight.numel()
+    newest = tmp_path / "checkpoints" / "step_00000001"
+    assert str(info.value) == (f"step 2: the student's weights are not finite (lm_head.weight: 2 of {n} values); "
+                               f"no checkpoint was written; the newest checkpoint is {newest} (train.resume=auto "
+                               "continues from it)")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_the_record_a_resumed_run_carries_over(cfg, tok, tmp_path):
+    a = Run(cfg, tok)
+    ckpt = save_checkpoint(tmp_path, 1, **a.objects(), keep=2, record={"accuracy_before": 0.25})
+    record = {}
+    load_checkpoint(ckpt, **Run(cfg, tok).objects(), record=record)
+    assert record == {"accuracy_before": 0.25}

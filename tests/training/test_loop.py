@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -130,3 +131,61 @@ def test_distinct_rate_counts_responses_as_their_real_tokens():
     # rows 0 and 1 are both "5 6" (padding differs), row 2 is "5 6 0", row 3 "7"
     assert distinct_rate(Batch(ids, mask, [{}] * 4)) == 3 / 4
     assert distinct_rate(Batch(ids[:1].repeat(3, 1), mask[:1].repeat(3, 1), [{}] * 3)) == 1 / 3
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_the_run_before_its_step_is_applied(tmp_path, capsys):
+    """optim.lr=1e30 (a real config, nothing patched): the loss stays finite while the gradient
+    norm turns NaN. That step is not applied, the run stops with one line naming it and the
+    newest checkpoint, which holds finite weights; exit status 1."""
+    from mmdistill.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "tiny", f"train.output_dir={out}", "eval.num_samples=0", "train.max_steps=8", "optim.lr=1e30",
+                 "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.sample_every=0"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1, last
+    rows = metrics_rows(out)
+    step = len(rows) + 1
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    newest = out / "checkpoints" / f"step_{step - 1:08d}"
+    assert last == (f"mmdistill: step {step}: the gradient norm is not finite on rank(s) [0] (this rank's: nan); "
+                    f"the step was not applied; the newest checkpoint is {newest} "
+                    "(train.resume=auto continues from it)")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == newest.name
+    assert not (out / "student").exists()
+    for ckpt in (out / "checkpoints").iterdir():
+        assert all(torch.isfinite(w).all() for w in load_file(str(ckpt / "student.safetensors")).values()), ckpt.name
+
+
+def test_non_finite_weights_are_never_saved_as_the_student(tmp_path):
+    from mmdistill.distributed import select
+    from mmdistill.distributed.launch import make_accelerator
+    from mmdistill.training.export import save_student
+    from mmdistill.training.setup import build
+
+    cfg = load_config("tiny", [f"train.output_dir={tmp_path / 'run'}", "eval.num_samples=0"])
+    accelerator = make_accelerator(cfg)
+    run = build(cfg, accelerator, select(accelerator, cfg))
+    with torch.no_grad():
+        run.plain.model.embed_tokens.weight[7, 0] = float("inf")
+    with pytest.raises(FloatingPointError) as info:
+        save_student(run, 3)
+    n = run.plain.model.embed_tokens.weight.numel()
+    assert str(info.value) == (f"after step 3: the student's weights are not finite (model.embed_tokens.weight: 1 of "
+                               f"{n} values); the student was not saved; no checkpoint yet")
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_a_data_error_during_training_is_one_line(tmp_path, capsys):
+    """ContextTooLong surfaces at the first rollout (the preflight does not measure lengths): one
+    line and exit 2, not a traceback; --traceback gives the traceback."""
+    from mmdistill.adapters.text import ContextTooLong
+    from mmdistill.cli import main
+
+    args = ["train", "tiny", f"train.output_dir={tmp_path / 'run'}", "eval.num_samples=0", "train.max_length=20"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mmdistill: sample '") and err[-1].endswith(
+        "response tokens exceeds the context of 20 (raise train.max_length or shorten the sample)")
+    with pytest.raises(ContextTooLong):
+        main([*args, "--traceback"])

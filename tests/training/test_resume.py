@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from tests.helpers import DETERMINISTIC, REPO, command_env, metrics_rows, run_mmdistill, wait_for_rows
@@ -200,3 +201,78 @@ def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_steps(full, stopped, 30)
+
+
+def killed_copy(full: Path, to: Path) -> Path:
+    """`full` as a run killed after its step-2 checkpoint leaves it (see the `runs` fixture)."""
+    shutil.copytree(full, to)
+    shutil.rmtree(to / "checkpoints" / "step_00000004")
+    shutil.rmtree(to / "student")
+    (to / "summary.json").unlink()
+    return to
+
+
+def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(runs, tmp_path):
+    full, _, _ = runs
+    run = killed_copy(full, tmp_path / "run")
+    first = (run / "config.yaml").read_text()
+    r = train(f"train.output_dir={run}", "train.resume=auto", "optim.lr=0.01", "data.arith.num_train=32")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip() == (f"mmdistill: train.resume: the config differs from {run / 'config.yaml'} in "
+                                "data.arith.num_train (64 -> 32), optim.lr (0.001 -> 0.01); set "
+                                "train.resume_changed=true to continue step_00000002 with it anyway (config.yaml "
+                                "keeps the first config)")
+    assert (run / "config.yaml").read_text() == first and not list(run.glob("config.resume-*"))
+    r = train(f"train.output_dir={run}", "train.resume=auto", "optim.lr=0.01", "data.arith.num_train=32",
+              "train.resume_changed=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "config.yaml").read_text() == first  # the first run's config stays
+    later = yaml.safe_load((run / "config.resume-1.yaml").read_text())
+    assert later["optim"]["lr"] == 0.01 and later["train"]["resume_changed"] is True
+
+
+def test_a_longer_max_steps_extends_a_run_without_asking(runs, tmp_path):
+    full, _, _ = runs
+    run = killed_copy(full, tmp_path / "run")
+    r = train(f"train.output_dir={run}", "train.resume=auto", "train.max_steps=5", "train.sample_every=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in metrics_rows(run)] == [1, 2, 3, 4, 5]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 4
+    assert yaml.safe_load((run / "config.resume-1.yaml").read_text())["train"]["max_steps"] == 5
+
+
+def test_resume_auto_passes_over_a_truncated_checkpoint_and_continues_exactly(runs, tmp_path):
+    """The newest checkpoint's weights file cut in half (a disk filled up, a copy interrupted):
+    one line names it, the run resumes from the one before and ends at the uninterrupted run's
+    weights, bit for bit."""
+    full, _, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "student")
+    (run / "summary.json").unlink()
+    weights = run / "checkpoints" / "step_00000004" / "student.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    size = weights.stat().st_size
+    r = train(f"train.output_dir={run}", "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    passed = [line for line in r.stderr.splitlines() if "damaged" in line]
+    assert passed == [f"mmdistill: passing over damaged checkpoint(s): step_00000004: student.safetensors does not "
+                      f"match its sha256 in SHA256SUMS: truncated or altered ({size} bytes); resuming from the "
+                      f"newest intact one, {run / 'checkpoints' / 'step_00000002'}"], r.stderr
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout
+    assert_same_steps(full, run, 4)
+    assert load_file(str(weights)).keys()  # the step-4 checkpoint was written anew
+    a, b = load_file(str(full / "student" / "model.safetensors")), load_file(str(run / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_accuracy_before_survives_a_resume(tmp_path):
+    full = tmp_path / "full"
+    r = train(f"train.output_dir={full}", "eval.num_samples=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = json.loads((full / "summary.json").read_text())["accuracy_before"]
+    run = killed_copy(full, tmp_path / "run")
+    r = train(f"train.output_dir={run}", "eval.num_samples=4", "train.resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["accuracy_before"] == before and "accuracy_after" in summary
