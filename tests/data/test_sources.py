@@ -61,7 +61,7 @@ def test_bad_jsonl_lines_under_skip_are_counted_for_both_splits(tmp_path):
 
 def test_max_image_pixels_config_key(tmp_path):
     assert load_config().data.max_image_pixels == MAX_IMAGE_PIXELS == 64_000_000
-    with pytest.raises(ConfigError, match=r"'data\.max_image_pixels' is 0; must be in \(0, inf\]"):
+    with pytest.raises(ConfigError, match=r"'data\.max_image_pixels' is 0; must be in \(0, inf\)"):
         load_config(None, ["data.max_image_pixels=0"])
     Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
     f = write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "p", "images": ["a.png"]})])
