@@ -11,12 +11,19 @@ from omegaconf import OmegaConf
 from mmdistill.config import DEFAULT_CONFIG, ConfigError, check_paths, load_config
 
 
+def _say(message: str) -> None:
+    """One line to stderr in one write: the processes of a launch share the stream, and print's
+    separate write of the newline lets their lines run together."""
+    sys.stderr.write(f"mmdistill: {message}\n")
+    sys.stderr.flush()
+
+
 def _config(path, overrides: list[str]):
     """The resolved config, or None after printing its one-line error."""
     try:
         return load_config(path, overrides)
     except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return None
 
 
@@ -51,11 +58,10 @@ def _train(args: argparse.Namespace) -> int:
         check_paths(cfg)  # a missing model or data path: one line in a second, before torch is imported
         launcher = None if args.no_launch else _default_launch()
     except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2
     if launcher is not None:
-        print(f"mmdistill: {launcher}: accelerate's default config starts the processes (--no-launch: run here)",
-              file=sys.stderr)
+        _say(f"{launcher}: accelerate's default config starts the processes (--no-launch: run here)")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "-m", "mmdistill", "train",
                *([config] if config is not None else []), *overrides, *(["--traceback"] if args.traceback else [])]
         return subprocess.call(cmd)
@@ -67,15 +73,15 @@ def _train(args: argparse.Namespace) -> int:
     try:
         launcher_fsdp(os.environ)  # an accelerate config mmdistill cannot honour: one line per process, not a traceback
     except (ValueError, NotImplementedError) as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2
     try:
         train(cfg)
     except FloatingPointError as exc:  # a non-finite loss, gradient or weight: every rank stops at the same step
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 1
     except Stopped as exc:  # a scheduler's signal: checkpointed, resumable
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return exc.code
     except (ValueError, KeyError, OSError) as exc:
         # Bad input (a config, a path, data, a model, a checkpoint): one line, as config errors;
@@ -83,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
         # ValueErrors, a missing field a KeyError, a run directory that holds checkpoints an OSError.
         if _traceback(args):
             raise
-        print(f"mmdistill: {_one_line(exc)}", file=sys.stderr)
+        _say(_one_line(exc))
         return 2
     return 0
 
@@ -127,7 +133,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         check_paths(cfg, models=models, eval_splits=True)  # before torch is imported, and any model loads
     except ConfigError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2
     _offline()
     from mmdistill.evaluation.evaluate import run_eval
@@ -139,11 +145,11 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, OSError) as exc:
         if _traceback(args):
             raise
-        print(f"mmdistill: {_one_line(exc)}", file=sys.stderr)
+        _say(_one_line(exc))
         return 2
     print(eval_markdown(result))
     for warning in result.get("warnings", []):  # also at the top of the table; here for a reader of stderr
-        print(f"mmdistill: {warning}", file=sys.stderr)
+        _say(warning)
     print(f"results written to {out_dir}/{result['label']}.json and .md")
     return 0
 
@@ -165,7 +171,7 @@ def _plot(args: argparse.Namespace) -> int:
     try:
         out = plot_runs(args.run_dirs, args.out, keys=keys, smooth=args.smooth)
     except PlotError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2
     print(out)
     return 0
@@ -180,7 +186,7 @@ def _report(args: argparse.Namespace) -> int:
         if args.out:
             write_text(args.out, text)
     except ReportError as exc:
-        print(f"mmdistill: {exc}", file=sys.stderr)
+        _say(str(exc))
         return 2
     print(text, end="")
     return 0
