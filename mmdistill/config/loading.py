@@ -152,7 +152,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 # measured, so a resumed run with a different value would not be the run it continues.
 RESUME_FREE = ("train.output_dir", "train.resume", "train.resume_changed", "train.max_steps", "train.progress",
                "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "eval.every")
+               "eval.every", "train.export")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privileged.image.source": ("auto", "student", "teacher", "draw"),
     "privileged.image.partial_boxes": ("subset", "unlabeled"),
     "privileged.partial_cut": ("whitespace", "release"),
+    "train.export": ("merged", "adapter"),
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
 
@@ -89,6 +90,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "data.chain.steps": (0, 8, False),
     "data.chain.num_train": (0, float("inf"), False),
     "data.chain.num_test": (0, float("inf"), True),
+    "student.lora.rank": (0, float("inf"), False),
+    "student.lora.alpha": (0.0, float("inf"), False),
+    "student.lora.dropout": (0.0, 1.0, True, False),
 }
 
 # Each method's own keys, from the CHOICES and RANGES its options dataclass declares.
@@ -157,9 +161,28 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
         raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 "
                           "(0 writes no checkpoints)")
+    _check_lora(cfg)
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 "
                           "(greedy rollouts are identical)")
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    lora = cfg.student.lora
+    for key in ("target_modules", "vision_target_modules"):
+        names = list(lora[key])
+        bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", n)]
+        if bad or (key == "target_modules" and not names):
+            raise ConfigError(f"config key 'student.lora.{key}' has {bad or 'nothing'}; give module names "
+                              "such as q_proj (a linear layer is adapted when its name ends in one)")
+    if not lora.enabled:
+        if cfg.train.export != "merged":
+            raise ConfigError(f"config key 'train.export' is '{cfg.train.export}': only a LoRA student "
+                              "(student.lora.enabled=true) has an adapter to export")
+        return
+    if cfg.train.fsdp:
+        raise ConfigError("config key 'student.lora.enabled' is true with train.fsdp=true: LoRA students train "
+                          "data-parallel only (their trained weights are small); launch with ddp.yaml")
 
 
 def _check_format(key: str, text: str, allowed: set[str] | None = None) -> None:
