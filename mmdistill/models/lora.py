@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def add_lora(model: torch.nn.Module, cfg) -> PeftModel:
                          f"{type(model).__name__}'s language model has such a name")
     config = LoraConfig(r=int(cfg.rank), lora_alpha=float(cfg.alpha), lora_dropout=float(cfg.dropout),
                         target_modules=targets, task_type=task_type, bias="none")
-    peft = get_peft_model(model, config, adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated name; nothing for a user to change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        peft = get_peft_model(model, config, adapter_name=ADAPTER)
     model.__dict__[_HANDLE] = peft  # not a submodule: peft holds the model
     return peft
 
