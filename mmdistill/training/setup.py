@@ -81,8 +81,6 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
         add_lora(student, cfg.student.lora)
     if cfg.train.gradient_checkpointing:
         set_checkpointing(student, True)
-        if cfg.student.lora.enabled and hasattr(student, "enable_input_require_grads"):
-            student.enable_input_require_grads()  # frozen embeddings: grads must still enter checkpointed blocks
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student

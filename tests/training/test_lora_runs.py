@@ -186,3 +186,21 @@ def test_lora_under_fsdp_or_deepspeed_is_refused_before_any_model_loads():
     cfg.train.fsdp = True  # what launch.py sets from an accelerate FSDP config file
     with pytest.raises(ConfigError, match=r"^config key 'student\.lora\.enabled' is true with train\.fsdp=true"):
         select(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), cfg)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_a_lora_student_the_same_gradients(tmp_path):
+    """Only the adapters need gradients, and the frozen embeddings' output has none: the
+    checkpointed blocks must still send them to the adapters inside (transformers 5 checkpoints
+    without reentrancy, so they do), the same numbers as without."""
+    rows = {}
+    for on in (False, True):
+        r = run_mmdistill("train", "tiny", "student.lora.enabled=true", "train.max_steps=2", "eval.num_samples=0",
+                          f"train.gradient_checkpointing={str(on).lower()}", f"train.output_dir={tmp_path / str(on)}",
+                          timeout=300, CUDA_VISIBLE_DEVICES="")
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[on] = metrics_rows(tmp_path / str(on))
+    for a, b in zip(rows[False], rows[True]):
+        assert a["grad_norm"] > 0
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
