@@ -269,6 +269,10 @@ class TrainConfig:
     share_prefix: bool = True  # views of one model run the prompt prefix they share once (KV cache); text models
     # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
     sample_every: int = 50
+    # accelerate's experiment trackers, fed the rows of metrics.jsonl (always written): tensorboard
+    # (in RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; [] = none
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "mmdistill"  # the project (wandb, comet) or experiment (mlflow) runs are filed under
     # Continual learning: stages trained in sequence from one student (train.max_steps is then their
     # sum); after each, every stage's test split is scored, giving continual.json's R[i][j].
     stages: List[StageConfig] = field(default_factory=list)

@@ -32,6 +32,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
 
+# accelerate's trackers (accelerate.utils.LoggerType, checked equal by a test: this module does not import torch)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's step sizes are float32
 
 NULLABLE = {"train.mixed_precision"}  # null: accelerate's config file or launcher flag, else bf16 on a GPU (launch.py)
@@ -161,6 +164,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
         raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 "
                           "(0 writes no checkpoints)")
+    bad = [t for t in cfg.train.report_to if t not in TRACKERS]
+    if bad or len(set(cfg.train.report_to)) != len(cfg.train.report_to):
+        raise ConfigError(f"config key 'train.report_to' has {bad or 'repeats'}; allowed: {', '.join(TRACKERS)} "
+                          "([] for metrics.jsonl only)")
     _check_lora(cfg)
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 "
