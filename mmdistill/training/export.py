@@ -159,8 +159,9 @@ def _umask() -> int:
 
 def ordinary_modes(directory: Path) -> None:
     """Files as open() would create them: 0666 less the umask. safetensors (0.8) writes each
-    file to a temporary file (mkstemp: mode 0600, whatever the umask) and renames it into place,
-    so model.safetensors would otherwise be unreadable to everyone but the writer."""
+    file through a temporary file (Rust's tempfile::NamedTempFile: mode 0600, whatever the umask)
+    that it renames into place, so model.safetensors, as transformers' save_pretrained leaves it
+    here, would be unreadable to everyone but the writer."""
     mode = 0o666 & ~_umask()
     for f in Path(directory).iterdir():
         if f.is_file():
