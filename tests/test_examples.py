@@ -23,6 +23,16 @@ def test_chat_self_distillation_on_your_own_jsonl(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.gguf
+def test_a_lora_student_exports_its_adapter(tmp_path):
+    proc = run_mmdistill("train", "examples/lora_student/config.yaml", f"train.output_dir={tmp_path / 'run'}",
+                         *SHORT, "rollout.max_new_tokens=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = json.loads((tmp_path / "run" / "student" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.slow
 def test_an_hf_vlm_pair_with_boxes(tmp_path):
     subprocess.run([sys.executable, str(EXAMPLES / "vlm_boxes" / "make_pair.py"), str(tmp_path / "pair")],
                    cwd=REPO_ROOT, env=command_env(), check=True, capture_output=True)
