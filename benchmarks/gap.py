@@ -136,8 +136,9 @@ def run_track(b: Bench, name: str, p: dict) -> dict:
               f"rollout.max_new_tokens={p['tokens']}", f"eval.every={p['eval_every']}",
               f"eval.num_samples={p['eval_n']}", f"eval.max_new_tokens={p['eval_tokens']}"]
     runs: dict[str, list[Path]] = {}
+    order = list(methods().items())[::-1 if p.get("reverse") else 1]
     for seed in p["seeds"]:  # every method's seed 0 first: an interrupted command has whole comparisons
-        for method, options in methods().items():
+        for method, options in order:
             run = root / f"{method}-seed{seed}"
             b.job(f"{name}/{run.name}", run / "summary.json", [
                 "mmdistill", "train", track["config"], *options, f"train.seed={seed}", f"train.output_dir={run}",
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default bench_runs/gap[-quick])")
     ap.add_argument("--tracks", nargs="+", default=list(TRACKS), choices=list(TRACKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="only these of the protocol's seeds")
+    ap.add_argument("--reverse", action="store_true",
+                    help="take the methods last to first: a second worker on the same --out (each job runs once)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     out = Path(args.out or f"bench_runs/gap{'-quick' if args.quick else ''}").resolve()
@@ -205,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     tracks = {}
     for name in args.tracks:
-        p = dict(PROTOCOL[mode][name],
+        p = dict(PROTOCOL[mode][name], reverse=args.reverse,
                  seeds=[s for s in PROTOCOL[mode][name]["seeds"] if args.seeds is None or s in args.seeds])
         tracks[name] = run_track(b, name, p)
+    if b.busy:
+        print(f"{len(b.busy)} jobs were running in another worker ({', '.join(b.busy)}); "
+              "run the command again when they are done for the report")
+        return 0
     from mmdistill.reporting.compare import report_markdown
 
     parts = []

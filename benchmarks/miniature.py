@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,28 +54,59 @@ CHAIN_SUM_EASY = ["--set", "min_digits=1", "--set", "max_digits=2", "--set", "mi
 
 
 class Bench:
+    """Runs the benchmark's jobs once each. Several workers (processes running the same command)
+    may share OUT: a job is claimed by the first (OUT/claims/NAME holds its pid) and the others
+    pass over it; a claim whose process is gone is taken over."""
+
     def __init__(self, out: Path):
         self.out = out
         self.times_path = out / "times.json"
-        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+        self.busy: list[str] = []  # jobs another worker was running when this one passed
 
     def job(self, name: str, done: Path, argv: list[str]) -> None:
         """Run `python -m ARGV` unless `done` exists; its output goes to OUT/logs/NAME.log."""
         if done.exists():
             print(f"[skip] {name}", flush=True)
             return
-        log = self.out / "logs" / f"{name.replace('/', '_')}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[run ] {name}", flush=True)
-        t0 = time.perf_counter()
-        with open(log, "w") as f:
-            rc = subprocess.call([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - t0
-        if rc != 0:
-            raise SystemExit(f"miniature: job {name} failed (exit {rc}); see {log}")
-        self.times[name] = round(wall, 1)
-        self.times_path.write_text(json.dumps(self.times, indent=2, sort_keys=True) + "\n")
-        print(f"       {wall:.0f} s", flush=True)
+        claim = self.out / "claims" / name.replace("/", "_")
+        if not _claim(claim):
+            print(f"[busy] {name} (another worker)", flush=True)
+            self.busy.append(name)
+            return
+        try:
+            log = self.out / "logs" / f"{name.replace('/', '_')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[run ] {name}", flush=True)
+            t0 = time.perf_counter()
+            with open(log, "w") as f:
+                rc = subprocess.call([sys.executable, "-m", *argv], stdout=f, stderr=subprocess.STDOUT)
+            wall = time.perf_counter() - t0
+            if rc != 0:
+                raise SystemExit(f"benchmark: job {name} failed (exit {rc}); see {log}")
+            times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+            times[name] = round(wall, 1)
+            tmp = self.times_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(times, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.times_path)
+            print(f"       {wall:.0f} s", flush=True)
+        finally:
+            claim.unlink(missing_ok=True)
+
+
+def _claim(path: Path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # its worker is alive
+        except (ProcessLookupError, ValueError):
+            path.unlink(missing_ok=True)  # a killed worker's
+            return _claim(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def _splits(d: Path, names) -> str:
@@ -193,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         tables = (vlm_track if track == "vlm" else text_track)(b, protocol[track])
         (out / f"results_{track}.md").write_text("\n".join(tables))
     parts = [(out / f"results_{t}.md").read_text() for t in ("vlm", "text") if (out / f"results_{t}.md").exists()]
-    wall = ", ".join(f"{k}: {v:.0f} s" for k, v in sorted(b.times.items()) if not k.endswith("/eval"))
+    times = json.loads(b.times_path.read_text()) if b.times_path.exists() else {}
+    wall = ", ".join(f"{k}: {v:.0f} s" for k, v in sorted(times.items()) if not k.endswith("/eval"))
     parts += ["# Wall time per training job (the last time each ran)", "", wall, ""]
     (out / "results.md").write_text("\n".join(parts))
     print("\n".join(parts))
