@@ -213,30 +213,44 @@ class ServedTeacher:
             tops.append(top)
         return sampled, tops
 
+    def _ask(self, prefix: str, y: int, eog: bool, n: int) -> tuple[dict[str, float], str, float]:
+        """One position's row: its top-n by text (in rank order) and the generated token."""
+        body = {"model": self.model, "prompt": prefix, "max_tokens": 1, "temperature": 0.0, "logprobs": n,
+                "logit_bias": {str(y): -100.0 if eog else 100.0}}
+        out = self._request("/v1/completions", body)
+        try:
+            lp = out["choices"][0]["logprobs"]
+            top = {str(t): float(v) for t, v in lp["top_logprobs"][0].items()}
+            return top, lp["tokens"][0], float(lp["token_logprobs"][0])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            raise self._malformed("no logprobs for the forced token", out) from None
+
     def _position(self, prefix: str, y: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+        """(log q(y), the top-k as (id, log-prob)) at the position after `prefix`.
+
+        An end token is never returned as a completion: it is biased away instead, and its log-prob
+        read from the top-n under its text. Several ids share an empty text (special tokens, bytes of
+        a split character) and the server keeps the last of them, so n is first widened until the
+        text appears, then cut to its first rank, where the value is the best-ranked of them: the end
+        token, unless another empty-text id outranks it."""
         eog = y in self._eog
-        ask = k
-        while True:
-            body = {"model": self.model, "prompt": prefix, "max_tokens": 1, "temperature": 0.0, "logprobs": ask,
-                    "logit_bias": {str(y): -100.0 if eog else 100.0}}
-            out = self._request("/v1/completions", body)
-            try:
-                lp = out["choices"][0]["logprobs"]
-                top = {str(t): float(v) for t, v in lp["top_logprobs"][0].items()}
-                gen_text, gen_lp = lp["tokens"][0], float(lp["token_logprobs"][0])
-            except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-                raise self._malformed("no logprobs for the forced token", out) from None
-            if not eog:
-                if gen_text != self._texts[y]:
-                    raise self._malformed(f"{gen_text!r} where logit_bias forced token {y} ({self._texts[y]!r})", out)
-                sampled = gen_lp
-                break
-            if self._texts[y] in top:
-                sampled = top[self._texts[y]]
-                break
-            if ask >= len(self._texts):
-                raise self._malformed(f"no log-prob for end token {y} in the full vocabulary", out)
-            ask = min(len(self._texts), ask * 10)
+        top, gen_text, gen_lp = self._ask(prefix, y, eog, k)
+        text = self._texts[y]
+        if not eog:
+            if gen_text != text:
+                raise ServedError(f"teacher server {self.url} generated {gen_text!r} where logit_bias forced "
+                                  f"token {y} ({text!r})")
+            sampled = gen_lp
+        else:
+            wide, n = top, k
+            while text not in wide:
+                if n >= len(self._texts):
+                    raise ServedError(f"teacher server {self.url} gave no log-prob for end token {y} over the "
+                                      "whole vocabulary")
+                n = min(len(self._texts), n * 10)
+                wide = self._ask(prefix, y, eog, n)[0]
+            rank = list(wide).index(text) + 1
+            sampled = self._ask(prefix, y, eog, rank)[0][text] if rank < len(wide) else wide[text]
         named = []
         for t, v in top.items():
             if not eog and t == self._texts[y]:
@@ -287,5 +301,5 @@ class Pending:
                     if t >= 0:
                         ids[i, j, r], lps[i, j, r] = t, v
         # entries whose id is unknown (-1) sort after the named ones: the first K are the best named K
-        order = lps.argsort(-1, descending=True, stable=True)
+        order = torch.sort(lps, dim=-1, descending=True, stable=True).indices
         return SparseLogProbs(sampled, ids.gather(-1, order), lps.gather(-1, order))
