@@ -124,15 +124,19 @@ def test_served_log_probs_match_the_same_gguf_in_transformers(server, local):
 
 
 def test_a_few_training_steps_with_a_served_teacher(server, tmp_path):
+    """DOPD (routing on q_T, LH over the teacher's top-4, HT on the tail buckets) with the GGUF as
+    student and, served, as teacher. Greedy rollouts: llama-cpp-python's server reads text, and a
+    sampled rollout may be tokenised in a way the text does not read back as (refused, in one line)."""
     run = tmp_path / "run"
     out = run_mmdistill(
         "train", "smollm2_rg", "method=dopd", "method.dopd.topk=4", "method.dopd.topk_from=teacher",
         "teacher.mode=served", f"teacher.server.url={server}", "teacher.server.api=llama_cpp",
         f"teacher.server.topk={TOPK}", "teacher.server.full_vocabulary=tail", "data.source=arith",
-        "data.arith.digits=1", "data.arith.num_train=16", "data.arith.num_test=4", "privileged.text='{hint}'", "rollout.max_new_tokens=8", "rollout.temperature=0",
-        "train.max_steps=2", "train.batch_size=2", "train.sample_every=0", "eval.num_samples=0",
-        f"train.output_dir={run}", timeout=900)
+        "data.arith.digits=1", "data.arith.num_train=16", "data.arith.num_test=4", "privileged.text='{hint}'",
+        "rollout.max_new_tokens=6", "rollout.temperature=0", "train.max_steps=2", "train.batch_size=2",
+        "train.sample_every=0", "eval.num_samples=0", f"train.output_dir={run}", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = metrics_rows(run)
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
-    assert rows[0]["time_view_teacher_full"] >= 0 and sum(rows[0][f"share_{r}"] for r in ("ht", "lh", "hs", "ll")) == 1
+    assert rows[0]["time_view_teacher_full"] >= 0
+    assert sum(rows[0][f"share_{r}"] for r in ("ht", "lh", "hs", "ll")) == pytest.approx(1.0)
