@@ -108,10 +108,10 @@ MASK = torch.tensor([[True] * 5, [True, True, True, False, False]])
 TOPK = 6
 
 
-def case(seed: int = 0, vocab: int = 13):
+def case(seed: int = 0, vocab: int = 13, t_scale: float = 3.0):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, N, vocab, generator=g, dtype=torch.float64) * 0.5  # a flat student: see filled()
-    t = torch.randn(B, N, vocab, generator=g, dtype=torch.float64) * 3.0
+    t = torch.randn(B, N, vocab, generator=g, dtype=torch.float64) * t_scale
     p = torch.randn(B, N, vocab, generator=g, dtype=torch.float64) * 2.0
     ids = torch.randint(0, vocab, (B, N), generator=g).masked_fill(~MASK, 0)
     from mmdistill.core.batch import Batch
@@ -134,6 +134,20 @@ def test_opd_on_a_served_teacher(estimator, exact):
     torch.testing.assert_close(grad, ref_grad)
     assert metrics["sampled_reverse_kl"] == pytest.approx(ref_metrics["sampled_reverse_kl"])
     assert metrics["reverse_kl"] <= run_loss(method, {"student": s, "teacher_full": t}, batch)[1]["reverse_kl"] + 1e-9
+
+
+def test_a_top_k_ignores_the_tail_bucket_even_when_it_outweighs_the_named_ids():
+    """A flat teacher over many ids: its tail holds more than any id it named."""
+    s, t, p, _, served, batch = case(3, vocab=60, t_scale=0.3)
+    assert bool((1 - served.logprobs.exp().sum(-1) > served.logprobs[..., 0].exp()).all())
+    for method in (OPD(estimator="topk", topk=4, topk_from="teacher", target="teacher_full", chunk_size=0),
+                   DOPD(topk=4, topk_from="teacher", trim=0.0, regimes=["lh"], chunk_size=0)):
+        views = {"student": s, "student_priv": p}
+        loss, _, grad = run_loss(method, {**views, "teacher_full": served}, batch)
+        ref_loss, _, ref_grad = run_loss(method, {**views, "teacher_full": t}, batch)
+        assert loss.item() > 0
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
