@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from mmdistill.config import load_config
+from mmdistill.config import ConfigError, check_paths, load_config
 from mmdistill.models.served import ServedError
 from mmdistill.training.preflight import preflight
 from tests.config.test_config import config_error
@@ -68,3 +68,9 @@ def test_a_server_that_is_down_is_one_line_from_the_preflight():
     with pytest.raises(ServedError, match=rf"^teacher server http://127.0.0.1:{port}/v1/models unreachable after 1 "
                                           r"tries \(timeout 120 s\): .*refused.*$"):
         preflight(cfg)
+
+
+def test_a_local_tokenizer_path_is_checked_before_anything_loads(tmp_path):
+    cfg = load_config("tiny", SERVED + ["method.opd.estimator=sampled", f"teacher.server.tokenizer={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="config key 'teacher.server.tokenizer': .* does not exist"):
+        check_paths(cfg)

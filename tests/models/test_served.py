@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from mmdistill.models.served import ServedError, ServedTeacher
+from mmdistill.models.served import PROBE, ServedError, ServedTeacher
+from mmdistill.models.tokenizer import build_tokenizer
 
 
 class StandIn:
@@ -143,3 +144,27 @@ def test_requests_run_concurrently_and_submit_does_not_wait(stand_in):
     got = pending.result()
     assert time.perf_counter() - t0 < 1.0  # 4 x 0.4 s one after the other would be 1.6 s
     assert torch.equal(got.sampled[0], got.sampled[3])
+
+
+@pytest.mark.parametrize("stand_in", [([(200, {"tokens": [1, 2, 3]})],)], indirect=True)
+def test_a_server_with_another_vocabulary_is_refused(stand_in, tok):
+    with pytest.raises(ServedError, match=r"tokenises a probe text as \[1, 2, 3\]\.\.\., the student's tokenizer as "
+                                          r".*the two vocabularies differ"):
+        client(stand_in.url).check_vocabulary(tok)
+    assert stand_in.requests[0] == ("/tokenize", {"model": "m", "prompt": PROBE, "add_special_tokens": False})
+
+
+@pytest.mark.parametrize("stand_in", [([(200, None)],)], indirect=True)
+def test_the_same_vocabulary_passes(stand_in, tok):
+    stand_in.script = [(200, {"tokens": tok(PROBE, add_special_tokens=False)["input_ids"]})]
+    client(stand_in.url).check_vocabulary(tok)
+
+
+@pytest.mark.parametrize("stand_in", [([(404, {"detail": "Not Found"})],)], indirect=True)
+def test_without_a_tokenize_endpoint_a_local_tokenizer_is_compared(stand_in, tok, tmp_path):
+    with pytest.raises(ServedError, match="has no tokenize endpoint .*set teacher.server.tokenizer"):
+        client(stand_in.url).check_vocabulary(tok)
+    client(stand_in.url).check_vocabulary(tok, tok)
+    other = build_tokenizer(split_digits=False)
+    with pytest.raises(ServedError, match="teacher.server.tokenizer's vocabulary differs from the student's"):
+        client(stand_in.url).check_vocabulary(tok, other)
