@@ -71,6 +71,7 @@ def test_a_server_that_is_down_is_one_line_from_the_preflight():
 
 
 def test_a_local_tokenizer_path_is_checked_before_anything_loads(tmp_path):
-    cfg = load_config("tiny", SERVED + ["method.opd.estimator=sampled", f"teacher.server.tokenizer={tmp_path / 'nope'}"])
+    cfg = load_config("tiny", SERVED + ["method.opd.estimator=sampled",
+                                        f"teacher.server.tokenizer={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="config key 'teacher.server.tokenizer': .* does not exist"):
         check_paths(cfg)
