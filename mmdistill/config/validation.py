@@ -179,6 +179,8 @@ def _check_served(cfg: DictConfig) -> None:
     if cfg.eval.model.startswith("teacher"):
         raise ConfigError(f"config key 'eval.model' is '{cfg.eval.model}': a served teacher is not evaluated by "
                           "mmdistill eval (it only scores); evaluate it on its server")
+    if cfg.train.fsdp_teacher:
+        raise ConfigError("config key 'train.fsdp_teacher' shards a local teacher; teacher.mode=served has none")
     name = cfg.method.name
     why = served_refusal(name, cfg.method[name], cfg.teacher.server.topk, cfg.teacher.server.full_vocabulary)
     if why:

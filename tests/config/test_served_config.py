@@ -33,6 +33,7 @@ SERVED = ["teacher.mode=served", "teacher.server.url=http://127.0.0.1:9"]
     (["method=gkd"], "method gkd's generalized JSD (method.name=gkd) needs the teacher's full vocabulary"),
     (["method=ar_opd"], "method ar_opd builds its target from the full vocabulary of two teacher views"),
     (["method=opd", "method.opd.estimator=sampled", "eval.model=teacher"], "config key 'eval.model' is 'teacher'"),
+    (["method=opd", "method.opd.estimator=sampled", "train.fsdp_teacher=true"], "config key 'train.fsdp_teacher'"),
 ])
 def test_what_a_top_k_cannot_give_is_refused_in_one_line(overrides, expected):
     assert expected in config_error(None, SERVED + overrides)
