@@ -22,6 +22,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mmdistill.losses.divergences import js, reverse_kl
+from mmdistill.losses.sparse import tail_buckets
 from mmdistill.models.served import ServedTeacher
 from tests.helpers import command_env, metrics_rows, run_mmdistill
 
@@ -140,3 +142,27 @@ def test_a_few_training_steps_with_a_served_teacher(server, tmp_path):
     assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
     assert rows[0]["time_view_teacher_full"] >= 0
     assert sum(rows[0][f"share_{r}"] for r in ("ht", "lh", "hs", "ll")) == pytest.approx(1.0)
+
+
+def test_the_tail_approximation_on_the_real_model(local):
+    """Full-vocabulary divergences against their tail approximation from the teacher's top-20 (what
+    vLLM returns by default), on SmolLM2's own distributions: the student reads a question, the
+    teacher the same question with a hint. Brute force over the 49,152 ids. The approximation is a
+    lower bound everywhere; on these positions it keeps most of the divergence (printed with -s)."""
+    tok, model = local
+    answer = tok("The answer is 5, because two and three make five.", add_special_tokens=False)["input_ids"]
+    rows = []
+    for question in ("What is 2 + 3?", "What is 2 + 3?\nHint: count three on from two"):
+        p = chat(tok, question)
+        with torch.no_grad():
+            rows.append(torch.log_softmax(model(torch.tensor([p + answer])).logits[0, len(p) - 1: -1].double(), -1))
+    ls, lt = rows
+    y = torch.tensor(answer)
+    top = lt.topk(20, dim=-1)
+    ls_b, lt_b, _ = tail_buckets(ls, top.indices, top.values, lt.gather(-1, y[:, None])[:, 0], y)
+    for name, fn in (("reverse_kl", reverse_kl), ("js", js), ("forward_kl", lambda a, b: reverse_kl(b, a))):
+        full, approx = fn(ls, lt), fn(ls_b, lt_b)
+        assert bool((approx <= full + 1e-9).all()), name
+        print(f"{name}: full {full.mean():.4f}, tail approximation {approx.mean():.4f} "
+              f"({approx.sum() / full.sum():.1%} of it over {len(answer)} positions)")
+        assert approx.sum() >= 0.5 * full.sum()
