@@ -34,7 +34,7 @@ def test_train_end_to_end(tmp_path, method):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert math.isfinite(r["loss"]) and r["tokens"] > 0 and r["grad_norm"] > 0
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     saved = load_config(run / "config.yaml")
     assert saved.method.name == method and saved.train.output_dir == str(run)
     assert (run / "checkpoints" / "step_00000003" / "trainer_state.pt").is_file()

@@ -12,7 +12,7 @@ from mmdistill.config import REPO_ROOT
 
 # Lowest first: a module may import its own layer and those before it.
 LAYERS = ("core", "losses", "methods", "config", "tasks", "data", "models", "adapters", "distributed", "evaluation",
-          "reporting", "training", "cli")
+          "reporting", "training", "api", "cli")
 # The command-line applications: they may import anything, lazily (a quick `--help`).
 APPLICATIONS = ("mmdistill.cli", "mmdistill.__main__", "data_tools")
 OURS = ("mmdistill", "data_tools")

@@ -1,8 +1,9 @@
 """Lazy, cached view logits: a method reads only the views it names."""
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Iterator
 
 import torch
@@ -25,11 +26,16 @@ class Views(Mapping):
 
     `wanted` names the views the method will read (its `views`): those of one model are scored
     together on the first read, over the prompt prefix they share (prefix.py). `init` is
-    the frozen copy of the initial student, for the views of policy "student_init"."""
+    the frozen copy of the initial student, for the views of policy "student_init".
+
+    `scopes`: per policy, what its forwards run under. A LoRA student's self-teacher and initial
+    student are the student itself, with its adapters off or switched (models/lora.py)."""
 
     def __init__(self, adapter, batch: Batch, student: torch.nn.Module, teacher: torch.nn.Module | None,
-                 wanted: tuple[str, ...] = (), share_prefix: bool = True, init: torch.nn.Module | None = None):
+                 wanted: tuple[str, ...] = (), share_prefix: bool = True, init: torch.nn.Module | None = None,
+                 scopes: Mapping[str, Callable[[], contextlib.AbstractContextManager] | None] | None = None):
         self.adapter, self.batch, self.student, self.teacher, self.init = adapter, batch, student, teacher, init
+        self.scopes = {k: v for k, v in (scopes or {}).items() if v is not None}
         self.wanted, self.share_prefix = tuple(wanted), share_prefix
         self._cache: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
@@ -65,10 +71,11 @@ class Views(Mapping):
             group = [name] + [v for v in self.wanted
                               if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
             t0 = time.perf_counter()  # a view scored alone also pays for a shared attempt that fell back
-            if not (self.share_prefix and self._score_shared(model, policy, group)):
-                self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1], grad=(name == "student"),
-                                                        policy=_prompts_of(policy))
-                self.seconds[name] = time.perf_counter() - t0
+            with self.scopes.get(policy, contextlib.nullcontext)():
+                if not (self.share_prefix and self._score_shared(model, policy, group)):
+                    self._cache[name] = self.adapter.logits(model, self.batch, VIEW_SPEC[name][1],
+                                                            grad=(name == "student"), policy=_prompts_of(policy))
+                    self.seconds[name] = time.perf_counter() - t0
         return self._cache[name]
 
     def prefetch(self, names: tuple[str, ...]) -> None:

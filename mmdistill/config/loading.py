@@ -152,15 +152,15 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
 # measured, so a resumed run with a different value would not be the run it continues.
 RESUME_FREE = ("train.output_dir", "train.resume", "train.resume_changed", "train.max_steps", "train.progress",
                "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "eval.every")
+               "train.report_to", "train.tracker_project", "eval.every", "train.export")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict) or not tree:
         return {prefix.rstrip("."): tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}."))
+        out.update(flat(value, f"{prefix}{key}."))
     return out
 
 
@@ -169,9 +169,9 @@ def config_changes(before: str | Path, after: DictConfig) -> tuple[list[str], li
     train.resume_changed, those of them a resume may not change without train.resume_changed),
     each as `key (old -> new)`. A key the saved config lacks (written by an older mmdistill)
     counts as the schema's default."""
-    old = _flat(OmegaConf.to_container(_read_yaml(Path(before)), resolve=False))
-    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
-    new = _flat(OmegaConf.to_container(after, resolve=True))
+    old = flat(OmegaConf.to_container(_read_yaml(Path(before)), resolve=False))
+    defaults = flat(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False))
+    new = flat(OmegaConf.to_container(after, resolve=True))
     ignored = ("train.resume", "train.resume_changed")
     changed = [k for k, v in new.items() if old.get(k, defaults.get(k)) != v and k not in ignored]
     described = {k: f"{k} ({old.get(k, defaults.get(k))!r} -> {new[k]!r})" for k in changed}

@@ -88,6 +88,30 @@ class ServerConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the student's language model. Only they train, so a self-teacher
+    (frozen, EMA) and the initial student need no second copy of the weights: they are the same
+    model with the adapters off (or the EMA adapter on). docs/lora.md"""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # scale alpha / rank
+    dropout: float = 0.0
+    # Linear layers of the language model whose names end in these: the attention projections of
+    # Llama, Mistral, Qwen, Gemma, Phi-3 (after its split), SmolLM ... decoders
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    vision: bool = False  # adapters on a VLM's vision tower too; false: the tower stays frozen as loaded
+    # the tower's linear layers when `vision` (CLIP / SigLIP / Idefics3: *_proj, out_proj; Qwen-VL, timm ViT: qkv, proj)
+    vision_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
+                                                                      "qkv", "proj"])
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class TeacherConfig:
     # model: a separate frozen model; frozen_student: a frozen copy of the initial student;
     # ema: an EMA of the student updated after each optimizer step; live: the student, no_grad;
@@ -264,9 +288,16 @@ class TrainConfig:
     share_prefix: bool = True  # views of one model run the prompt prefix they share once (KV cache); text models
     # write rollouts (prompt, response, images) to rollouts/rank_N.jsonl every N steps; 0 = never
     sample_every: int = 50
+    # accelerate's experiment trackers, fed the rows of metrics.jsonl (always written): tensorboard
+    # (in RUN_DIR/tensorboard), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; [] = none
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "mmdistill"  # the project (wandb, comet) or experiment (mlflow) runs are filed under
     # Continual learning: stages trained in sequence from one student (train.max_steps is then their
     # sum); after each, every stage's test split is scored, giving continual.json's R[i][j].
     stages: List[StageConfig] = field(default_factory=list)
+    # What RUN_DIR/student holds for a LoRA student: merged (a plain transformers model, the
+    # adapters folded into the weights) or adapter (peft's adapter directory, PeftModel.from_pretrained)
+    export: str = "merged"
 
 
 @dataclass
@@ -298,7 +329,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     privileged: PrivilegedConfig = field(default_factory=PrivilegedConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

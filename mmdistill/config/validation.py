@@ -30,8 +30,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privileged.image.source": ("auto", "student", "teacher", "draw"),
     "privileged.image.partial_boxes": ("subset", "unlabeled"),
     "privileged.partial_cut": ("whitespace", "release"),
+    "train.export": ("merged", "adapter"),
     "method.name": ("sft", "opd", "full_opd", "partial_opd", "gkd", "ar_opd", "dopd"),
 }
+
+# accelerate's trackers (accelerate.utils.LoggerType, checked equal by a test: this module does not import torch)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the optimizer's step sizes are float32
 
@@ -95,6 +99,9 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "data.chain.steps": (0, 8, False),
     "data.chain.num_train": (0, float("inf"), False),
     "data.chain.num_test": (0, float("inf"), True),
+    "student.lora.rank": (0, float("inf"), False),
+    "student.lora.alpha": (0.0, float("inf"), False),
+    "student.lora.dropout": (0.0, 1.0, True, False),
 }
 
 # Each method's own keys, from the CHOICES and RANGES its options dataclass declares.
@@ -165,6 +172,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
         raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 "
                           "(0 writes no checkpoints)")
+    bad = [t for t in cfg.train.report_to if t not in TRACKERS]
+    if bad or len(set(cfg.train.report_to)) != len(cfg.train.report_to):
+        raise ConfigError(f"config key 'train.report_to' has {bad or 'repeats'}; allowed: {', '.join(TRACKERS)} "
+                          "([] for metrics.jsonl only)")
+    _check_lora(cfg)
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 "
                           "(greedy rollouts are identical)")
@@ -185,6 +197,24 @@ def _check_served(cfg: DictConfig) -> None:
     why = served_refusal(name, cfg.method[name], cfg.teacher.server.topk, cfg.teacher.server.full_vocabulary)
     if why:
         raise ConfigError(why)
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    lora = cfg.student.lora
+    for key in ("target_modules", "vision_target_modules"):
+        names = list(lora[key])
+        bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", n)]
+        if bad or (key == "target_modules" and not names):
+            raise ConfigError(f"config key 'student.lora.{key}' has {bad or 'nothing'}; give module names "
+                              "such as q_proj (a linear layer is adapted when its name ends in one)")
+    if not lora.enabled:
+        if cfg.train.export != "merged":
+            raise ConfigError(f"config key 'train.export' is '{cfg.train.export}': only a LoRA student "
+                              "(student.lora.enabled=true) has an adapter to export")
+        return
+    if cfg.train.fsdp:
+        raise ConfigError("config key 'student.lora.enabled' is true with train.fsdp=true: LoRA students train "
+                          "data-parallel only (their trained weights are small); launch with ddp.yaml")
 
 
 def _check_format(key: str, text: str, allowed: set[str] | None = None) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 from omegaconf import DictConfig
 
 
@@ -85,6 +87,19 @@ def device_defaults(mixed_precision: str | None, tf32: bool, environ: Mapping[st
     return mixed_precision, tf32 and cuda
 
 
+def trackers(names) -> list[str]:
+    """The trackers of train.report_to, each installed: accelerate passes over a missing one in silence."""
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            raise ValueError(f"config key 'train.report_to' names {name}, which is not installed here "
+                             f"(pip install {_PACKAGE.get(name, name)})")
+    return list(names)
+
+
+_PACKAGE = {"comet_ml": "comet-ml", "mlflow": "mlflow-skinny"}
+
+
 def make_accelerator(cfg: DictConfig) -> Accelerator:
     r"""The run's Accelerator. An accelerate FSDP config file is taken over by mmdistill's own
     FSDP2 (its settings written into cfg.train); without an accelerator device, processes started
@@ -107,7 +122,10 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
                                             deepspeed=launched(os.environ))
     if tf32:
         torch.set_float32_matmul_precision("high")
-    accelerator = Accelerator(mixed_precision=mixed_precision, **options)
+    run_dir = Path(cfg.train.output_dir)  # tensorboard's events go in RUN_DIR/tensorboard
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=trackers(cfg.train.report_to) or None,
+                              project_config=ProjectConfiguration(run_dir, logging_dir=run_dir / "tensorboard"),
+                              **options)
     if accelerator.distributed_type == DistributedType.FSDP:  # launched some other way
         raise NotImplementedError("FSDP: accelerate's own wrapping is not used; launch with "
                                   "configs/accelerate/fsdp.yaml or set train.fsdp=true")

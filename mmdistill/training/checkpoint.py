@@ -24,7 +24,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mmdistill.distributed import Backend, DataParallel
-from mmdistill.models.weights import load_weights, untied_state_dict
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SUMS = "SHA256SUMS"
@@ -95,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, *, student, optimizer, scheduler, 
     if backend.main:
         save_file(weights, str(tmp / "student.safetensors"), metadata={"format": "pt"})
         if teacher is not None and teacher.owns_weights:
-            save_file(untied_state_dict(teacher.model), str(tmp / "teacher.safetensors"), metadata={"format": "pt"})
+            teacher.save(tmp / "teacher.safetensors")
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                     "record": dict(record or {})}, tmp / "trainer_state.pt")
     state = {"step": step, "rank": backend.rank, "data": stream.state_dict(), "rng": rng_state()}
@@ -272,7 +271,7 @@ def load_checkpoint(path: Path, *, student, optimizer, scheduler, teacher, strea
     backend.load_state(path, backend.unwrap(student), optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if teacher is not None and teacher.owns_weights:
-        load_weights(teacher.model, path / "teacher.safetensors")
+        teacher.load(path / "teacher.safetensors")
     mine = _torch_load(_rank_file(path, backend.rank))
     stream.load_state_dict(mine["data"])
     set_rng_state(mine["rng"])

@@ -1,12 +1,15 @@
 """What a run writes as it goes: per-step metrics to metrics.jsonl (one JSON object per line) and
-tensorboard, rollout samples, the progress bar."""
+accelerate's trackers (train.report_to), rollout samples, the progress bar."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
+
+from mmdistill.config.loading import flat
 
 
 class MetricsLogger:
@@ -14,22 +17,33 @@ class MetricsLogger:
     checkpoint, or a previous run in the same directory), so the file never repeats a step."""
 
     def __init__(self, run_dir: Path, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.path = Path(run_dir) / "metrics.jsonl"
         _keep_until(self.path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
-        for k, v in metrics.items():
-            self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         self._file.close()
-        self._tb.close()
+
+
+def start_trackers(accelerator, cfg, run_dir: Path, start_step: int) -> None:
+    """The trackers of train.report_to (make_accelerator gave them to accelerate), started on this
+    run: tensorboard writes into RUN_DIR/tensorboard and, on resume, drops the events logged after
+    the checkpoint, as metrics.jsonl does; every tracker gets the resolved config, flattened."""
+    if not accelerator.log_with:
+        return
+    config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+              for k, v in flat(OmegaConf.to_container(cfg, resolve=True)).items()}
+    tensorboard = {"purge_step": start_step + 1} if start_step else {}
+    try:
+        accelerator.init_trackers(cfg.train.tracker_project, config=config, init_kwargs={"tensorboard": tensorboard})
+    except Exception as exc:  # each tracker's own errors (mlflow's store, wandb's login): one line naming the key
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"config key 'train.report_to' {list(cfg.train.report_to)}: a tracker did not start: "
+                         f"{first}") from exc
 
 
 def _keep_until(path: Path, start_step: int) -> None:
@@ -88,14 +102,16 @@ class Progress:
     progress bar (local main process) of a run that starts after step `start`."""
 
     def __init__(self, run_dir: Path, cfg, accelerator, start: int, total: int):
-        self.every, self.total = cfg.train.log_every, total
+        self.every, self.total, self.accelerator = cfg.train.log_every, total, accelerator
         self.logger = MetricsLogger(run_dir, start) if accelerator.is_main_process else None
+        start_trackers(accelerator, cfg, run_dir, start)
         self.bar = tqdm(total=total, initial=start, desc=f"train {cfg.method.name}",
                         disable=not (cfg.train.progress and accelerator.is_local_main_process))
 
     def step(self, step: int, row: dict) -> None:
         if self.logger and (step % self.every == 0 or step == self.total):
             self.logger.log(step, row)
+            self.accelerator.log(row, step=step)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         self.bar.update(1)
 

@@ -18,7 +18,7 @@ from mmdistill.distributed import select
 from mmdistill.distributed.launch import make_accelerator
 from mmdistill.training.checkpoint import save_checkpoint
 from mmdistill.training.continual import Continual, heldout_accuracy
-from mmdistill.training.export import save_student, weights_checksum
+from mmdistill.training.export import save_student, weights_checksum, write_card
 from mmdistill.training.logs import Progress, RolloutLog
 from mmdistill.training.setup import Run, build
 from mmdistill.training.step import train_step
@@ -112,5 +112,6 @@ def _finish(run: Run, step: int, continual: Continual | None) -> None:
         run.summary["continual"] = continual.finish()
     if run.accelerator.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
+        write_card(run, final)
     run.accelerator.print(f"student saved to {final}")
     run.accelerator.wait_for_everyone()

@@ -7,6 +7,8 @@ checkpoint to resume from (checked file by file), and a resumed run's config aga
 it continues (a change is refused unless train.resume_changed=true)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +25,9 @@ from mmdistill.data.stream import StagedStream, stages_of
 from mmdistill.distributed import Backend
 from mmdistill.methods.registry import Method, build_method
 from mmdistill.models.loading import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
+from mmdistill.models.lora import add_lora
 from mmdistill.models.served import served_teacher
-from mmdistill.models.teachers import Teacher, frozen_copy
+from mmdistill.models.teachers import Teacher, init_policy
 from mmdistill.models.weights import is_sharded
 from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, resume_point
 from mmdistill.training.logs import RolloutLog
@@ -54,6 +57,7 @@ class Run:
     rollouts: RolloutLog | None = None  # rollout samples written as the run goes
     test_skipped: int = 0  # bad held-out samples skipped under data.on_bad_sample=skip
     record: dict = field(default_factory=dict)  # what a resumed run carries over (accuracy_before), in its checkpoints
+    init_scope: Callable[[], AbstractContextManager] = nullcontext  # what `init`'s forwards run under (LoRA)
 
     @property
     def total(self) -> int:
@@ -74,16 +78,18 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     accelerator.wait_for_everyone()
     method = build_method(cfg.method.name, **method_options(cfg))
     student, proc = load(cfg.student, seed=cfg.train.seed)
+    if cfg.student.lora.enabled:
+        add_lora(student, cfg.student.lora)
     if cfg.train.gradient_checkpointing:
         set_checkpointing(student, True)
     student = student.to(accelerator.device)
     student.train()
     teacher, teacher_proc = _build_teacher(cfg, method, student, proc, accelerator.device)  # copies the whole student
     # The initial student, frozen (views student_init, student_init_priv): built before any
-    # checkpoint is loaded; a frozen_student teacher already is one.
-    init = None
+    # checkpoint is loaded; a frozen_student teacher already is one, a LoRA student without its adapters too.
+    init, init_scope = None, nullcontext
     if any(VIEW_SPEC[v][0] == "student_init" for v in method.views):
-        init = teacher.model if teacher is not None and teacher.mode == "frozen_student" else frozen_copy(student)
+        init, init_scope = init_policy(student, teacher)
     student = backend.prepare_model(student)
     if cfg.train.fsdp_teacher and teacher is not None:
         backend.shard_teacher(teacher)
@@ -107,7 +113,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     # train.fsdp_teacher sharded it above. The scheduler steps once per optimizer step, by us.
     student, optimizer = backend.prepare(student, optimizer)
     run = Run(cfg, accelerator, backend, run_dir, method, student, accelerator.unwrap_model(student), proc, teacher,
-              init, adapter, stages, stream, test, optimizer, scheduler, test_skipped=test_stats["bad"])
+              init, adapter, stages, stream, test, optimizer, scheduler, test_skipped=test_stats["bad"],
+              init_scope=init_scope)
     if resume_from is not None:
         run.start = load_checkpoint(resume_from, **run.checkpointed(), checked=True)
         accelerator.print(f"resumed from {resume_from} at step {run.start}")

@@ -64,7 +64,8 @@ def _sample(run: Run, step: int, samples: list[dict], timing: dict[str, float]) 
                  else run.adapter.oracle_batch(samples))
     run.rollouts.log(step, batch)
     views = Views(run.adapter, batch, run.student, run.teacher.model if run.teacher else None, run.method.views,
-                  run.cfg.train.share_prefix, init=run.init)
+                  run.cfg.train.share_prefix, init=run.init,
+                  scopes={"teacher": run.teacher.scope if run.teacher else None, "student_init": run.init_scope})
     return batch, views
 
 
