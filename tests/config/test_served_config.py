@@ -9,6 +9,7 @@ import pytest
 
 from mmdistill.config import ConfigError, check_paths, load_config
 from mmdistill.models.served import ServedError
+from mmdistill.training.export import model_card
 from mmdistill.training.preflight import preflight
 from tests.config.test_config import config_error
 
@@ -76,3 +77,9 @@ def test_a_local_tokenizer_path_is_checked_before_anything_loads(tmp_path):
                                         f"teacher.server.tokenizer={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="config key 'teacher.server.tokenizer': .* does not exist"):
         check_paths(cfg)
+
+
+def test_the_model_card_names_the_served_teacher():
+    cfg = load_config("tiny", SERVED + ["method.opd.estimator=sampled", "eval.num_samples=0"])
+    assert ("| teacher | served at http://127.0.0.1:9 (vllm api, model the first it lists, top-20, full vocabulary: "
+            "refuse) |") in model_card(cfg, {"steps": 2})
