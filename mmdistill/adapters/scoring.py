@@ -11,6 +11,7 @@ import torch
 from mmdistill.adapters.prefix import score_views
 from mmdistill.core.batch import Batch
 from mmdistill.core.views import VIEW_SPEC
+from mmdistill.models.served import Pending, ServedTeacher
 
 
 def _prompts_of(policy: str) -> str:
@@ -20,7 +21,8 @@ def _prompts_of(policy: str) -> str:
 
 class Views(Mapping):
     """views[name] -> [B, N, V] next-token logits aligned with batch.response_ids (unnormalised
-    log-probs: methods apply log_softmax); only "student" is scored with gradient.
+    log-probs: methods apply log_softmax); only "student" is scored with gradient. A served
+    teacher's views are SparseLogProbs (core/batch.py), requested when the Views are made.
 
     `wanted` names the views the method will read (its `views`): those of one model are scored
     together on the first read, over the prompt prefix they share (prefix.py). `init` is
@@ -37,6 +39,20 @@ class Views(Mapping):
         self.wanted, self.share_prefix = tuple(wanted), share_prefix
         self._cache: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # forward time of each view scored (the step's time split)
+        self._pending: dict[str, Pending] = {}
+        if isinstance(teacher, ServedTeacher):  # requests out now: the student's forwards run meanwhile
+            for name in self.wanted:
+                if VIEW_SPEC[name][0] == "teacher":
+                    self._pending[name] = self._submit(name)
+
+    def _submit(self, name: str) -> Pending:
+        if self.adapter.has_images(self.batch.samples):
+            raise ValueError(f"view '{name}': teacher.mode=served scores text prompts only, and these samples "
+                             "have images")
+        prompts = self.adapter.prompt_ids(self.batch.samples, VIEW_SPEC[name][1], "teacher")
+        mask = self.batch.response_mask.bool()
+        responses = [ids[m].tolist() for ids, m in zip(self.batch.response_ids, mask)]
+        return self.teacher.submit(prompts, responses, self.batch.response_ids.shape[1])
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in VIEW_SPEC:
@@ -47,6 +63,11 @@ class Views(Mapping):
             if model is None:
                 needs = "a teacher" if policy == "teacher" else "a frozen copy of the initial student (Views(init=...))"
                 raise ValueError(f"view '{name}' needs {needs}, and this run has none")
+            if isinstance(model, ServedTeacher):
+                t0 = time.perf_counter()
+                self._cache[name] = (self._pending.pop(name, None) or self._submit(name)).result()
+                self.seconds[name] = time.perf_counter() - t0  # the wait, not the server's time
+                return self._cache[name]
             group = [name] + [v for v in self.wanted
                               if v != name and v not in self._cache and VIEW_SPEC[v][0] == policy]
             t0 = time.perf_counter()  # a view scored alone also pays for a shared attempt that fell back

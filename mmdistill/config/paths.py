@@ -83,6 +83,8 @@ def check_paths(cfg: DictConfig, models: tuple[str, ...] | None = None, eval_spl
         models = MODELS if cfg.teacher.mode == "model" else ("student",)
     for key in models:
         check_model(cfg, key)
+    if cfg.teacher.mode == "served":
+        check_dir("teacher.server.tokenizer", cfg.teacher.server.tokenizer)
     source = cfg.data.source
     if source in ("jsonl", "shards"):
         check_data("data.train_path", cfg.data.train_path, source)

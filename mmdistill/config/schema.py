@@ -71,6 +71,23 @@ class ModelConfig:
 
 
 @dataclass
+class ServerConfig:
+    # teacher.mode=served: an OpenAI-compatible completions server scores the views (docs/served_teacher.md).
+    url: Optional[str] = None  # e.g. http://host:8000 (the /v1/completions endpoint's base)
+    model: Optional[str] = None  # the server's model name; null: the first of its /v1/models
+    api: str = "vllm"  # vllm: token ids in, prompt_logprobs out (vLLM); llama_cpp: llama-cpp-python's server
+    topk: int = 20  # log-probs asked per position (vLLM caps it at its --max-logprobs, 20 by default)
+    concurrency: int = 8  # requests in flight at once
+    timeout: float = 120.0  # seconds per request
+    retries: int = 3  # more tries after a transient error (5xx, a reset or refused connection, a timeout)
+    # refuse: full-vocabulary terms (OPD's full estimator, GKD, DOPD's HT) are refused before anything
+    # loads; tail: they run on the tail-bucket approximation (mmdistill/losses/sparse.py)
+    full_vocabulary: str = "refuse"
+    # a local tokenizer to check the vocabulary against, where the server has no tokenize endpoint
+    tokenizer: Optional[str] = None
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapters (peft) on the student's language model. Only they train, so a self-teacher
     (frozen, EMA) and the initial student need no second copy of the weights: they are the same
@@ -97,10 +114,12 @@ class StudentConfig(ModelConfig):
 @dataclass
 class TeacherConfig:
     # model: a separate frozen model; frozen_student: a frozen copy of the initial student;
-    # ema: an EMA of the student updated after each optimizer step; live: the student, no_grad.
+    # ema: an EMA of the student updated after each optimizer step; live: the student, no_grad;
+    # served: a model behind an OpenAI-compatible server (teacher.server).
     mode: str = "model"
     model: ModelConfig = field(default_factory=ModelConfig)
     ema_decay: float = 0.99
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass

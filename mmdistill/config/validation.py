@@ -9,12 +9,14 @@ import string
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill.config.schema import ConfigError
-from mmdistill.methods.options import METHOD_OPTIONS
+from mmdistill.methods.options import METHOD_OPTIONS, served_refusal
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.model.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.mode": ("model", "frozen_student", "ema", "live"),
+    "teacher.mode": ("model", "frozen_student", "ema", "live", "served"),
+    "teacher.server.api": ("vllm", "llama_cpp"),
+    "teacher.server.full_vocabulary": ("refuse", "tail"),
     "data.source": ("arith", "chain", "scenes", "jsonl", "shards"),
     "data.on_bad_sample": ("raise", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
@@ -43,6 +45,10 @@ NULLABLE = {"train.mixed_precision"}  # null: accelerate's config file or launch
 # Every value must also be finite: inf passes `v <= inf`, and would make no sense for any key.
 RANGES: dict[str, tuple[float, float, bool]] = {
     "teacher.ema_decay": (0.0, 1.0, True),
+    "teacher.server.topk": (0, float("inf"), False),
+    "teacher.server.concurrency": (0, float("inf"), False),
+    "teacher.server.timeout": (0, float("inf"), False),
+    "teacher.server.retries": (0, float("inf"), True),
     "privileged.partial_ratio": (0.0, 1.0, True),
     "privileged.prompt_share": (0.0, 1.0, True),
     "privileged.image.box_digits": (0, 6, True),
@@ -130,6 +136,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.method.chunk_size is not None and cfg.method.chunk_size < 0:
         raise ConfigError(f"config key 'method.chunk_size' is {cfg.method.chunk_size}; "
                           "must be null (auto), 0 (off) or positive")
+    if cfg.teacher.mode == "served":
+        _check_served(cfg)
     if cfg.teacher.model.gguf_file and not cfg.teacher.model.path:
         raise ConfigError("config key 'teacher.model.gguf_file' needs teacher.model.path")
     if cfg.student.gguf_file and not cfg.student.path:
@@ -172,6 +180,23 @@ def validate(cfg: DictConfig) -> None:
     if cfg.rollout.temperature == 0 and cfg.rollout.num_rollouts > 1:
         raise ConfigError("config key 'rollout.num_rollouts' > 1 needs rollout.temperature > 0 "
                           "(greedy rollouts are identical)")
+
+
+def _check_served(cfg: DictConfig) -> None:
+    """A served teacher: where it is, and whether the method can run on its top-k."""
+    url = cfg.teacher.server.url
+    if not url or not re.match(r"^https?://[^/\s]+", str(url)):
+        raise ConfigError(f"config key 'teacher.server.url' is {url!r}; teacher.mode=served needs the server's "
+                          "http(s) address, e.g. http://localhost:8000")
+    if cfg.eval.model.startswith("teacher"):
+        raise ConfigError(f"config key 'eval.model' is '{cfg.eval.model}': a served teacher is not evaluated by "
+                          "mmdistill eval (it only scores); evaluate it on its server")
+    if cfg.train.fsdp_teacher:
+        raise ConfigError("config key 'train.fsdp_teacher' shards a local teacher; teacher.mode=served has none")
+    name = cfg.method.name
+    why = served_refusal(name, cfg.method[name], cfg.teacher.server.topk, cfg.teacher.server.full_vocabulary)
+    if why:
+        raise ConfigError(why)
 
 
 def _check_lora(cfg: DictConfig) -> None:

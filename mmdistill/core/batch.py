@@ -43,3 +43,25 @@ class Batch:
 # vocabulary (unnormalised log-probs, in the model's dtype), aligned with Batch.response_ids.
 # Only views["student"] carries gradient. Methods normalise per chunk (mmdistill/losses/chunked.py).
 ViewLogits = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class SparseLogProbs:
+    """What a served teacher returns for a view: per response position the log-prob of the
+    sampled token and the server's top-k (ids, log-probs), sorted by log-prob, best first.
+
+    A served teacher sends no [B, N, V] logits: full-vocabulary terms need an approximation
+    (mmdistill/losses/sparse.py). ids holds -1 (log-prob -inf) where the server named fewer
+    than k tokens or named one by a text that no single id has (llama-cpp-python keys its
+    top-k by text)."""
+
+    sampled: torch.Tensor  # [B, N] float32, log q(y_n)
+    ids: torch.Tensor  # [B, N, k] long
+    logprobs: torch.Tensor  # [B, N, k] float32
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def to(self, device) -> "SparseLogProbs":
+        return SparseLogProbs(self.sampled.to(device), self.ids.to(device), self.logprobs.to(device))

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import EMPTY_SEQUENCES, reduction_weights, token_loss
 from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd
 from mmdistill.methods.base import (
@@ -58,6 +58,7 @@ from mmdistill.methods.base import (
     target_logits,
     weighted_means,
 )
+from mmdistill.methods.options import AR_OPD_SERVED as SERVED_REFUSAL
 
 NEG_INF = float("-inf")
 TOP_OVERLAP_K = 16
@@ -187,6 +188,8 @@ class AROPD:
 
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
+        if isinstance(views["teacher_full"], SparseLogProbs):
+            raise ValueError(SERVED_REFUSAL)
         full = target_logits(views, "teacher_full", s)
         partial = target_logits(views, "teacher_partial", s)
         kept = skip_mask(batch.response_mask, self.skip).to(s.device)

@@ -5,7 +5,7 @@ from typing import Protocol
 
 import torch
 
-from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.core.views import VIEWS
 
 
@@ -60,6 +60,15 @@ def target_logits(views: ViewLogits, name: str, student: torch.Tensor) -> torch.
     if t.shape != student.shape:
         raise ValueError(f"{name} logits {tuple(t.shape)} differ from the student's {tuple(student.shape)}")
     return t
+
+
+def served_target(views: ViewLogits, name: str, student: torch.Tensor) -> SparseLogProbs:
+    """A served teacher's view, on the student's device and aligned with its positions."""
+    t = views[name]
+    if t.sampled.shape != student.shape[:2]:
+        raise ValueError(f"{name} from the server covers {tuple(t.sampled.shape)} positions, "
+                         f"the student {tuple(student.shape[:2])}")
+    return t.to(student.device)
 
 
 def weighted_means(values: dict[str, torch.Tensor], weight: torch.Tensor) -> dict[str, float]:

@@ -46,9 +46,10 @@ import math
 
 import torch
 
-from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
 from mmdistill.losses.divergences import entropy, entropy_and_reverse_kls, js, reverse_kl, topk_reverse_kl
+from mmdistill.losses.sparse import tail_buckets, teacher_topk
 from mmdistill.methods.base import (
     TOPK_FROM,
     check_chunk_size,
@@ -57,6 +58,7 @@ from mmdistill.methods.base import (
     choice,
     gather_at,
     safe_ids,
+    served_target,
     student_logits,
     target_logits,
     weighted_means,
@@ -280,9 +282,15 @@ class DOPD:
         """log q_S and log q_T of this micro-batch's response tokens, 1-D in mask order: what the
         step's thresholds are computed from. Reads only `statistics_views` (no gradient)."""
         p = views[self.self_view].detach()
-        t = target_logits(views, "teacher_full", p)
         mask = batch.response_mask.bool().to(p.device)
         ids = safe_ids(batch.response_ids.to(p.device), mask)
+        if isinstance(views["teacher_full"], SparseLogProbs):
+            t = served_target(views, "teacher_full", p)
+            got = token_values(lambda lp, i: {"log_qs": gather_at(lp, i)}, p, [], mask, extras=[ids],
+                               chunk_size=self.chunk_size)
+            return {"log_qs": got.get("log_qs", torch.zeros(mask.shape, device=p.device))[mask],
+                    "log_qt": t.sampled.float()[mask]}
+        t = target_logits(views, "teacher_full", p)
         got = token_values(lambda lp, lt, i: {"log_qs": gather_at(lp, i), "log_qt": gather_at(lt, i)}, p, [t], mask,
                            extras=[ids], chunk_size=self.chunk_size)
         return {k: got.get(k, torch.zeros(mask.shape, device=p.device))[mask] for k in ("log_qs", "log_qt")}
@@ -345,6 +353,36 @@ class DOPD:
             out.append(col)
         return out
 
+    def _per_token_sparse(self, ls: torch.Tensor, lp: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """A served teacher_full: HT on the tail buckets (losses/sparse.py), LH over the first topk of
+        the teacher's ids; the self terms and the anchor as with a local teacher (self_mix is 1)."""
+        li, w, y, tid, tlp, tsampled = rest if len(rest) == 6 else (ls, *rest)
+        ls_b, lt_b, _ = tail_buckets(ls, tid, tlp, tsampled, y)
+        w = w.to(ls.dtype)
+        total = ls[..., :0].sum(-1)
+        for j in range(w.shape[-1]):
+            rows = (w[:, j] != 0).nonzero().squeeze(-1)
+            if not rows.numel():
+                continue
+            if j == 0:
+                term = (js if self.ht_divergence == "js" else reverse_kl)(ls_b[rows], lt_b[rows])
+            elif j == 1:
+                term = topk_reverse_kl(*teacher_topk(ls_b[rows], lt_b[rows], self.topk), self.topk,
+                                       index_from="teacher")
+            else:
+                term = self._terms(ls[rows], lp[rows], lp[rows], li[rows], j)
+            total = total.index_add(0, rows, w[rows, j] * term)
+        return total
+
+    def _first_pass_sparse(self, ls: torch.Tensor, lp: torch.Tensor, ids: torch.Tensor, tid: torch.Tensor,
+                           tlp: torch.Tensor, tsampled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """As _first_pass; reverse_kl and teacher_entropy on the tail buckets (lower bounds)."""
+        ls_b, lt_b, _ = tail_buckets(ls, tid, tlp, tsampled, ids)
+        h_s, (kl_p,) = entropy_and_reverse_kls(ls, [lp])
+        return {"log_qs": gather_at(lp, ids), "log_qt": tsampled.float(), "reverse_kl": reverse_kl(ls_b, lt_b),
+                "student_entropy": h_s, "teacher_entropy": entropy(lt_b), "self_kl": kl_p,
+                "self_entropy": entropy(lp)}
+
     def _per_token(self, ls: torch.Tensor, lt: torch.Tensor, lp: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         """rest: (the initial student's log-probs, the weights) with the anchor, else (the weights)."""
         li, w = rest if len(rest) == 2 else (ls, rest[0])
@@ -367,7 +405,11 @@ class DOPD:
 
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
-        t = target_logits(views, "teacher_full", s)
+        served = isinstance(views["teacher_full"], SparseLogProbs)
+        t = served_target(views, "teacher_full", s) if served else target_logits(views, "teacher_full", s)
+        if served and self.self_mix != 1.0:
+            raise ValueError("method.dopd.self_mix < 1 mixes the teacher's full vocabulary into the self target; "
+                             "a served teacher gives its top-k only")
         p = target_logits(views, self.self_view, s)  # stop-gradient: the student's own privileged view
         mask = batch.response_mask.bool().to(s.device)
         weight = reduction_weights(mask, self.reduction).to(s.device)
@@ -375,7 +417,11 @@ class DOPD:
         zero = torch.zeros_like(weight)
 
         # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
-        first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
+        if served:
+            first = token_values(self._first_pass_sparse, s.detach(), [p], mask,
+                                 extras=[ids, t.ids, t.logprobs, t.sampled], chunk_size=self.chunk_size)
+        else:
+            first = token_values(self._first_pass, s.detach(), [t, p], mask, extras=[ids], chunk_size=self.chunk_size)
         regime, stats = route(first.get("log_qs", zero), first.get("log_qt", zero), mask, self.trim, self.threshold,
                               self.thresholds if self.step_statistics else None, self.hs_rejected)
         if self.routing == "shuffled":
@@ -387,9 +433,14 @@ class DOPD:
         active = torch.where(w.sum(-1) > 0, weight, zero)
         per_token = torch.zeros_like(weight)  # each token's weighted term: its regime's contribution
         if bool(active.any()):
-            targets = [t, p] + ([target_logits(views, "student_init", s)] if self.anchor else [])
-            loss = token_loss(self._per_token, s, targets, active, extras=[w], chunk_size=self.chunk_size,
-                              values_out=per_token)
+            init = [target_logits(views, "student_init", s)] if self.anchor else []
+            if served:
+                loss = token_loss(self._per_token_sparse, s, [p] + init, active,
+                                  extras=[w, ids, t.ids, t.logprobs, t.sampled], chunk_size=self.chunk_size,
+                                  values_out=per_token)
+            else:
+                loss = token_loss(self._per_token, s, [t, p] + init, active, extras=[w], chunk_size=self.chunk_size,
+                                  values_out=per_token)
         else:  # an empty sum: 0, attached to the graph, whatever padding rows hold (even NaN)
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
         contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero)

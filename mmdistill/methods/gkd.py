@@ -18,14 +18,17 @@ import math
 
 import torch
 
-from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss
 from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd, reverse_kl
+from mmdistill.losses.sparse import tail_buckets
 from mmdistill.methods.base import (
     TARGETS,
     check_chunk_size,
     check_reduction,
     choice,
+    safe_ids,
+    served_target,
     student_logits,
     target_logits,
     weighted_means,
@@ -75,14 +78,27 @@ class GKD:
             "teacher_entropy": entropy(lt),
         }
 
+    def _sparse(self, fn):
+        """fn on the tail buckets of a served teacher (losses/sparse.py): an approximation."""
+        def on_buckets(ls, ids, tid, tlp, tsampled):
+            ls_b, lt_b, _ = tail_buckets(ls, tid, tlp, tsampled, ids)
+            return fn(ls_b, lt_b)
+        return on_buckets
+
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
-        t = target_logits(views, self.target, s)
         mask = batch.response_mask.bool().to(s.device)
         weight = reduction_weights(mask, self.reduction).to(s.device)
         diag: dict[str, torch.Tensor] = {}
-        loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size, diagnostics=self._diagnostics,
-                          diag_out=diag)
+        if isinstance(views[self.target], SparseLogProbs):
+            t = served_target(views, self.target, s)
+            ids = safe_ids(batch.response_ids.to(s.device), mask)
+            loss = token_loss(self._sparse(self._per_token), s, [], weight, extras=[ids, t.ids, t.logprobs, t.sampled],
+                              chunk_size=self.chunk_size, diagnostics=self._sparse(self._diagnostics), diag_out=diag)
+        else:
+            t = target_logits(views, self.target, s)
+            loss = token_loss(self._per_token, s, [t], weight, chunk_size=self.chunk_size,
+                              diagnostics=self._diagnostics, diag_out=diag)
         return loss, {
             "loss": float(loss.detach()),
             **weighted_means(diag, weight),

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from mmdistill.core.batch import Batch, ViewLogits
+from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss
 from mmdistill.losses.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
+from mmdistill.losses.sparse import tail_buckets, teacher_topk
 from mmdistill.methods.base import (
     TARGETS,
     TOPK_FROM,
@@ -19,6 +20,7 @@ from mmdistill.methods.base import (
     choice,
     gather_at,
     safe_ids,
+    served_target,
     student_logits,
     target_logits,
     weighted_means,
@@ -69,13 +71,39 @@ class OPD:
             "teacher_entropy": entropy(lt),
         }
 
+    def _per_token_sparse(self, ls: torch.Tensor, ids: torch.Tensor, tid: torch.Tensor, tlp: torch.Tensor,
+                          tsampled: torch.Tensor) -> torch.Tensor:
+        ls_b, lt_b, y_b = tail_buckets(ls, tid, tlp, tsampled, ids)
+        if self.estimator == "sampled":
+            return sampled_token_pg(ls_b, lt_b, y_b)[0]
+        if self.estimator == "topk":
+            return topk_reverse_kl(*teacher_topk(ls_b, lt_b, self.topk), self.topk, index_from="teacher")
+        return reverse_kl(ls_b, lt_b)
+
+    @staticmethod
+    def _diagnostics_sparse(ls: torch.Tensor, ids: torch.Tensor, tid: torch.Tensor, tlp: torch.Tensor,
+                            tsampled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """reverse_kl and teacher_entropy on the tail buckets: lower bounds of the full values."""
+        ls_b, lt_b, y_b = tail_buckets(ls, tid, tlp, tsampled, ids)
+        return {
+            "reverse_kl": reverse_kl(ls_b, lt_b),
+            "sampled_reverse_kl": gather_at(ls, ids) - tsampled,
+            "student_entropy": entropy(ls),
+            "teacher_entropy": entropy(lt_b),
+        }
+
     def loss(self, views: ViewLogits, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         s = student_logits(views, batch)
-        t = target_logits(views, self.target, s)
         mask = batch.response_mask.bool()
         weight = reduction_weights(mask, self.reduction).to(s.device)
         ids = safe_ids(batch.response_ids, mask).to(s.device)
         diag: dict[str, torch.Tensor] = {}
+        if isinstance(views[self.target], SparseLogProbs):
+            t = served_target(views, self.target, s)
+            loss = token_loss(self._per_token_sparse, s, [], weight, extras=[ids, t.ids, t.logprobs, t.sampled],
+                              chunk_size=self.chunk_size, diagnostics=self._diagnostics_sparse, diag_out=diag)
+            return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
+        t = target_logits(views, self.target, s)
         loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
                           diagnostics=self._diagnostics, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

@@ -126,3 +126,56 @@ METHOD_OPTIONS: dict[str, type] = {
     "dopd": DOPDConfig,
     "sft": SFTConfig,
 }
+
+
+# A served teacher (teacher.mode=served) returns, per position, the sampled token's log-prob and its
+# top-k: which method settings can run on that, and which need the full vocabulary.
+SERVED_KEY = "teacher.server.full_vocabulary"
+AR_OPD_SERVED = ("method ar_opd builds its target from the full vocabulary of two teacher views "
+                 "(log_softmax(lP + lam * clip(lF - lP))); teacher.mode=served returns the top-k only: use a local "
+                 "teacher (teacher.mode=model, ema, frozen_student, live)")
+TEACHER_TARGETS = ("teacher_plain", "teacher_full", "teacher_partial")
+
+
+def served_refusal(name: str, options, topk: int, full_vocabulary: str) -> str | None:
+    """Why method `name` with these options cannot run on a served teacher's top-`topk`, as one
+    line naming the key, or None. full_vocabulary "tail" allows the tail-bucket approximation of
+    full-vocabulary terms (mmdistill/losses/sparse.py); "refuse" does not."""
+    approx = full_vocabulary == "tail"
+    group = f"method.{name}"
+    if name == "ar_opd":
+        return AR_OPD_SERVED
+    if name in ("opd", "full_opd", "partial_opd"):
+        if name == "opd" and options.target not in TEACHER_TARGETS:
+            return None
+        if options.estimator == "full" and not approx:
+            return (f"{group}.estimator=full needs the teacher's full vocabulary, which teacher.mode=served does not "
+                    f"return: use estimator sampled or topk, or set {SERVED_KEY}=tail (the tail-bucket approximation)")
+        if options.estimator == "topk":
+            return _topk_refusal(group, options, topk)
+    if name == "gkd":
+        if options.target in TEACHER_TARGETS and not approx:
+            return (f"method gkd's generalized JSD (method.name=gkd) needs the teacher's full vocabulary, which "
+                    f"teacher.mode=served does not return: set {SERVED_KEY}=tail (the tail-bucket approximation)")
+    if name == "dopd":
+        if options.self_mix != 1.0:
+            return (f"{group}.self_mix={options.self_mix} mixes the teacher's full vocabulary into the self target; "
+                    "teacher.mode=served returns the top-k only: keep self_mix=1")
+        ht = "ht" in options.regimes and options.w_ht > 0
+        if ht and not approx:
+            return (f"method dopd's HT term ({group}.ht_divergence={options.ht_divergence}, in {group}.regimes) needs "
+                    f"the teacher's full vocabulary, which teacher.mode=served does not return: set {SERVED_KEY}=tail "
+                    "(the tail-bucket approximation) or leave ht out of the regimes")
+        if "lh" in options.regimes:
+            return _topk_refusal(group, options, topk)
+    return None
+
+
+def _topk_refusal(group: str, options, topk: int) -> str | None:
+    if options.topk_from != "teacher":
+        return (f"{group}.topk_from={options.topk_from} needs the teacher's log-probs on the student's top-K ids; "
+                f"teacher.mode=served returns its own top-k only: set {group}.topk_from=teacher")
+    if options.topk > topk:
+        return (f"{group}.topk={options.topk} is more than the served teacher's teacher.server.topk={topk}: "
+                f"lower it, or raise teacher.server.topk (and the server's limit, e.g. vLLM's --max-logprobs)")
+    return None

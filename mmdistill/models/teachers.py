@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmdistill.models import lora
+from mmdistill.models.served import ServedTeacher
 from mmdistill.models.weights import load_weights, untied_state_dict
 
 
@@ -24,7 +25,8 @@ class Teacher:
 
     mode "model": a separate frozen model; "frozen_student": the initial student, frozen;
     "ema": an EMA of the student (theta_T <- d * theta_T + (1 - d) * theta after each optimizer
-    step); "live": the student itself, scored under no_grad.
+    step); "live": the student itself, scored under no_grad; "served": a model behind a
+    completions server (`served`, models/served.py), whose views come back as top-k log-probs.
 
     A LoRA student's self-teachers are the student itself, under `scope()`: the frozen one with
     the adapters off (the model as loaded), the EMA one with a second adapter holding the EMA of
@@ -32,9 +34,14 @@ class Teacher:
     """
 
     def __init__(self, mode: str, student: torch.nn.Module, model: torch.nn.Module | None = None,
-                 ema_decay: float = 0.99):
+                 ema_decay: float = 0.99, served: ServedTeacher | None = None):
         self.mode, self.ema_decay = mode, ema_decay
-        if mode == "model":
+        self.served = served
+        if mode == "served":
+            if served is None:
+                raise ValueError("teacher.mode=served needs a ServedTeacher")
+            self._model = None
+        elif mode == "model":
             if model is None:
                 raise ValueError("teacher.mode=model needs a teacher model")
             self._model = frozen_copy(model) if any(p.requires_grad for p in model.parameters()) else model.eval()
@@ -46,11 +53,13 @@ class Teacher:
         elif mode == "live":
             self._model = None
         else:
-            raise ValueError(f"teacher.mode '{mode}' unknown; allowed: model, frozen_student, ema, live")
+            raise ValueError(f"teacher.mode '{mode}' unknown; allowed: model, frozen_student, ema, live, served")
         self._student = student
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> torch.nn.Module | ServedTeacher:
+        if self.served is not None:
+            return self.served
         return self._student if self._model is None else self._model
 
     @property

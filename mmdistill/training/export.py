@@ -105,7 +105,10 @@ def model_card(cfg, summary: dict) -> str:
     teacher = {"model": f"a separate model, {_model_line(cfg.teacher.model, cfg.train.seed + 1)}",
                "frozen_student": "the initial student, frozen (a self-teacher)",
                "ema": f"an EMA of the student, decay {cfg.teacher.ema_decay} (a self-teacher)",
-               "live": "the student itself, without gradient"}[cfg.teacher.mode]
+               "live": "the student itself, without gradient",
+               "served": f"served at {cfg.teacher.server.url} ({cfg.teacher.server.api} api, model "
+                         f"{cfg.teacher.server.model or 'the first it lists'}, top-{cfg.teacher.server.topk}, "
+                         f"full vocabulary: {cfg.teacher.server.full_vocabulary})"}[cfg.teacher.mode]
     data = cfg.data.source
     if cfg.data.source in ("jsonl", "shards"):
         data += f" `{cfg.data.train_path}`"

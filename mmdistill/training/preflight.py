@@ -23,6 +23,7 @@ from mmdistill.data.sources import load_split
 from mmdistill.data.stream import stages_of
 from mmdistill.methods.registry import Method, build_method
 from mmdistill.models.loading import check_same_vocab, load_processor, tokenizer_of
+from mmdistill.models.served import served_teacher
 
 SAMPLES = 8  # first samples of each split rendered into every view
 PROCEDURAL = ("arith", "chain", "scenes")
@@ -38,6 +39,8 @@ def preflight(cfg: DictConfig) -> None:
     if cfg.teacher.mode == "model" and any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
         teacher_proc = load_processor(cfg.teacher.model)
         check_same_vocab(tokenizer_of(proc), tokenizer_of(teacher_proc), f"teacher.model.path={cfg.teacher.model.path}")
+    if cfg.teacher.mode == "served" and any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
+        served_teacher(cfg.teacher.server, tokenizer_of(proc)).close()  # reachable, and the student's vocabulary
     adapter = build_adapter(proc, cfg.privileged, 0, teacher_proc)  # checks the chat templates
     for name, _, data in stages_of(cfg):
         where = f"stage '{name}' " if cfg.train.stages else ""

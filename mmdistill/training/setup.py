@@ -26,6 +26,7 @@ from mmdistill.distributed import Backend
 from mmdistill.methods.registry import Method, build_method
 from mmdistill.models.loading import check_same_vocab, load, max_positions, set_checkpointing, tokenizer_of
 from mmdistill.models.lora import add_lora
+from mmdistill.models.served import served_teacher
 from mmdistill.models.teachers import Teacher, init_policy
 from mmdistill.models.weights import is_sharded
 from mmdistill.training.checkpoint import list_checkpoints, load_checkpoint, resume_point
@@ -93,7 +94,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     if cfg.train.fsdp_teacher and teacher is not None:
         backend.shard_teacher(teacher)
     limits = [cfg.train.max_length] if cfg.train.max_length else []
-    limits += [max_positions(m) for m in (student, teacher and teacher.model) if m is not None and max_positions(m)]
+    limits += [max_positions(m) for m in (student, teacher and teacher.model)
+               if isinstance(m, torch.nn.Module) and max_positions(m)]
     adapter = build_adapter(proc, cfg.privileged, min(limits) if limits else 0, teacher_proc)
     stages = stages_of(cfg)
     stream = StagedStream(stages, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
@@ -163,6 +165,8 @@ def _build_teacher(cfg: DictConfig, method, student, proc, device) -> tuple[Teac
     if not any(VIEW_SPEC[v][0] == "teacher" for v in method.views):
         return None, None
     model, t_proc = None, None
+    if cfg.teacher.mode == "served":
+        return Teacher("served", student, served=served_teacher(cfg.teacher.server, tokenizer_of(proc))), None
     if cfg.teacher.mode == "model":
         model, t_proc = load(cfg.teacher.model, seed=cfg.train.seed + 1)
         check_same_vocab(tokenizer_of(proc), tokenizer_of(t_proc), f"teacher.model.path={cfg.teacher.model.path}")
