@@ -1,6 +1,7 @@
 """Sample records: JSONL files of them, and the data.select filter every source applies."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmdistill.data.boxes import MAX_IMAGE_PIXELS, check_boxes, image_size
@@ -12,7 +13,9 @@ IMAGE_KEYS = ("images", "teacher_images")
 
 def matches(sample: dict, select: dict) -> bool:
     """data.select: every named field equals the value (or is one of a list's values)."""
-    return all(sample.get(k) == v or (isinstance(v, (list, tuple)) and sample.get(k) in v) for k, v in select.items())
+    # any sequence but a string: the config hands a list over as an OmegaConf ListConfig
+    return all(sample.get(k) == v or (isinstance(v, Sequence) and not isinstance(v, str) and sample.get(k) in v)
+               for k, v in select.items())
 
 
 def _images(rec: dict, key: str, parent: Path, where: str, max_pixels: int | None) -> list[tuple[int, int]]:

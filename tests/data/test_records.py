@@ -133,3 +133,15 @@ def test_a_fifo_as_the_data_file_is_refused_not_waited_on(tmp_path):
     pipe = fifo(tmp_path / "train.jsonl")
     with pytest.raises(ShardError, match=r"train\.jsonl: cannot read a JSONL file here: not a regular file \(a FIFO"):
         read_jsonl(pipe)
+
+
+def test_select_takes_a_list_from_the_config():
+    """data.select='{stage: [1, 2]}' reaches the filter as a ListConfig, not a list: it once matched nothing."""
+    from omegaconf import OmegaConf
+
+    from mmdistill.config import load_config
+    from mmdistill.data.records import matches
+
+    select = load_config("tiny", ["data.select={stage: [1, 2]}"]).data.select
+    assert [s for s in (0, 1, 2, 3) if matches({"stage": s}, select)] == [1, 2]
+    assert matches({"task": "ab"}, OmegaConf.create({"task": "ab"})) and not matches({"task": "a"}, {"task": "ab"})
