@@ -21,7 +21,11 @@ shuffled routing (the same regime shares dealt to random tokens) as the control.
 THE RULE, fixed with the protocol before any method ran: a DOPD variant qualifies when, on the
 in-distribution split of BOTH tracks, its mean accuracy over the seeds is above vanilla OPD's and
 above full privileged OPD's, and no seed collapses (its distinct-response rate on that split is
-not below the starting student's). Results: OUT/results.md (tables, the rule's decision),
+not below the starting student's). If none qualifies, method=dopd defaults to the MOST STABLE
+variant (fixed with the protocol's amendment of 2026-12-04, before any DOPD run finished): among
+the variants that never collapse on any track and seed, the one with the highest mean ID accuracy
+at the end; if every variant collapses somewhere, the one with the highest lowest distinct rate.
+Results: OUT/results.md (tables, the rule's decision),
 OUT/decision.json, OUT/times.json. A job whose output exists is skipped, so the command resumes.
 """
 from __future__ import annotations
