@@ -24,8 +24,7 @@ above full privileged OPD's, and no seed collapses (its distinct-response rate o
 not below the starting student's). If none qualifies, method=dopd defaults to the MOST STABLE
 variant (fixed with the protocol's amendment of 2026-12-04, before any DOPD run finished): among
 the variants that never collapse on any track and seed, the one with the highest mean ID accuracy
-at the end; if every variant collapses somewhere, the one with the highest lowest distinct rate.
-Results: OUT/results.md (tables, the rule's decision),
+at the end; if every variant collapses somewhere, the one with the highest lowest distinct rate. Results: OUT/results.md (tables, the rule's decision),
 OUT/decision.json, OUT/times.json. A job whose output exists is skipped, so the command resumes.
 """
 from __future__ import annotations
