@@ -23,8 +23,9 @@ in-distribution split of BOTH tracks, its mean accuracy over the seeds is above 
 above full privileged OPD's, and no seed collapses (its distinct-response rate on that split is
 not below the starting student's). If none qualifies, method=dopd defaults to the MOST STABLE
 variant (fixed with the protocol's amendment of 2026-12-04, before any DOPD run finished): among
-the variants that never collapse on any track and seed, the one with the highest mean ID accuracy
-at the end; if every variant collapses somewhere, the one with the highest lowest distinct rate. Results: OUT/results.md (tables, the rule's decision),
+the variants that never collapse on any track and seed, the one with the highest mean ID
+accuracy; if every variant collapses somewhere, the one with the highest lowest distinct rate.
+Results: OUT/results.md (tables, the rule's decision),
 OUT/decision.json, OUT/times.json. A job whose output exists is skipped, so the command resumes.
 """
 from __future__ import annotations
@@ -172,7 +173,7 @@ def split_result(run: Path, split: str) -> tuple[float, float]:
 
 def decide(tracks: dict[str, dict]) -> dict:
     """THE RULE (module docstring), applied to every DOPD variant on every track's ID split."""
-    out = {"rule": __doc__.split("THE RULE, ")[1].split(" Results:")[0].replace("\n", " "), "variants": {}}
+    out = {"rule": __doc__.split("THE RULE, ")[1].split("\nResults:")[0].replace("\n", " "), "variants": {}}
     for variant in ["dopd", *VARIANTS]:
         verdict = {}
         for name, t in tracks.items():
