@@ -9,7 +9,7 @@ import string
 from omegaconf import DictConfig, OmegaConf
 
 from mmdistill.config.schema import ConfigError
-from mmdistill.methods.options import METHOD_OPTIONS, served_refusal
+from mmdistill.methods.options import METHOD_OPTIONS, PAPER_DOPD, DOPDConfig, served_refusal
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "student.dtype": ("float32", "bfloat16", "float16"),
@@ -172,6 +172,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.train.keep_checkpoints == 0 and cfg.train.checkpoint_every:
         raise ConfigError("config key 'train.checkpoint_every' needs train.keep_checkpoints >= 1 "
                           "(0 writes no checkpoints)")
+    if cfg.method.dopd.paper:
+        for key, paper in PAPER_DOPD.items():
+            value = cfg.method.dopd[key]
+            if value != paper and value != getattr(DOPDConfig, key):
+                raise ConfigError(f"config key 'method.dopd.{key}' is {value!r}, but method.dopd.paper=true is the "
+                                  f"paper's DOPD exactly ({key}={paper!r}); drop one of them")
     bad = [t for t in cfg.train.report_to if t not in TRACKERS]
     if bad or len(set(cfg.train.report_to)) != len(cfg.train.report_to):
         raise ConfigError(f"config key 'train.report_to' has {bad or 'repeats'}; allowed: {', '.join(TRACKERS)} "

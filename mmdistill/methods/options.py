@@ -105,6 +105,8 @@ class DOPDConfig:
     hs_rejected: str = "self"  # self | teacher: HS tokens with q_T below its threshold go to HT
     ht_divergence: str = "js"  # js | reverse_kl (full vocabulary) on HT tokens
     anchor: float = 0.0  # weight of KL(pi_S(.|x) || pi_init(.|x)) on every response token
+    # true: the paper's DOPD exactly, the four variant keys above at PAPER_DOPD's values
+    paper: bool = False
     CHOICES: ClassVar[dict] = {"topk_from": ("student", "teacher"), "threshold": ("trimmed_mean", "mean"),
                                "routing": ("advantage", "shuffled"), "self_target": ("live", "frozen"),
                                "threshold_scope": ("step", "micro_batch"), "hs_rejected": ("self", "teacher"),
@@ -114,6 +116,10 @@ class DOPDConfig:
                               "w_ht": (0.0, float("inf"), True), "topk": (0, float("inf"), False),
                               "trim": (0.0, 1.0, True), "self_mix": (0.0, 1.0, True),
                               "anchor": (0.0, float("inf"), True)}
+
+
+# The paper's DOPD: what method.dopd.paper=true sets the variant keys to
+PAPER_DOPD: dict = {"self_mix": 1.0, "hs_rejected": "self", "ht_divergence": "js", "anchor": 0.0}
 
 
 # config group under `method.` -> its options dataclass

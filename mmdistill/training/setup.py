@@ -7,6 +7,7 @@ checkpoint to resume from (checked file by file), and a resumed run's config aga
 it continues (a change is refused unless train.resume_changed=true)."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     set_seed(cfg.train.seed, device_specific=True)
     accelerator.wait_for_everyone()
     method = build_method(cfg.method.name, **method_options(cfg))
+    if getattr(method, "caveat", None) and accelerator.is_main_process:
+        print(f"mmdistill: {method.caveat}", file=sys.stderr, flush=True)
     student, proc = load(cfg.student, seed=cfg.train.seed)
     if cfg.student.lora.enabled:
         add_lora(student, cfg.student.lora)

@@ -695,3 +695,35 @@ def test_a_full_self_mix_and_a_zero_anchor_are_the_paper():
 def test_variant_options_are_validated(kwargs, key):
     with pytest.raises(ValueError, match=key):
         DOPD(**kwargs)
+
+
+# ---------------------------------------------------------------- the paper's DOPD, one option away
+
+
+def test_paper_true_is_the_papers_dopd_whatever_the_variant_keys_say():
+    from mmdistill.methods.options import PAPER_DOPD
+
+    m = DOPD(self_mix=0.5, hs_rejected="teacher", ht_divergence="reverse_kl", anchor=0.1, paper=True)
+    assert {k: getattr(m, k) for k in PAPER_DOPD} == PAPER_DOPD and "student_init" not in m.views
+    assert m.caveat.startswith("method=dopd is the paper's DOPD: not shown to beat full privileged OPD")
+    variant = DOPD(hs_rejected="teacher", ht_divergence="reverse_kl")
+    assert variant.caveat.startswith("method=dopd is a variant of the paper's DOPD (hs_rejected=teacher, "
+                                     "ht_divergence=reverse_kl; method.dopd.paper=true for the paper's)")
+
+
+def test_paper_true_with_a_variant_key_set_is_refused():
+    from mmdistill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"config key 'method.dopd.anchor' is 0.3, but method.dopd.paper=true"):
+        load_config("tiny", ["method.name=dopd", "method.dopd.paper=true", "method.dopd.anchor=0.3"])
+    load_config("tiny", ["method.name=dopd", "method.dopd.paper=true", "method.dopd.anchor=0.0"])
+
+
+def test_a_dopd_run_says_its_caveat_once_at_the_start(tmp_path):
+    from tests.helpers import run_mmdistill
+
+    proc = run_mmdistill("train", "tiny", "method.name=dopd", f"train.output_dir={tmp_path}", "train.max_steps=1",
+                         "eval.num_samples=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "not shown to beat full privileged OPD" in line]
+    assert len(lines) == 1 and lines[0].startswith("mmdistill: method=dopd is")
