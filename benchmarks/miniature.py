@@ -69,7 +69,7 @@ class Bench:
             print(f"[skip] {name}", flush=True)
             return
         claim = self.out / "claims" / name.replace("/", "_")
-        if not _claim(claim):
+        if any(name.startswith(f"{b}/") for b in self.busy) or not _claim(claim):  # its run is another's
             print(f"[busy] {name} (another worker)", flush=True)
             self.busy.append(name)
             return

@@ -100,10 +100,12 @@ class DOPDConfig:
     # step: thresholds over the optimizer step's response tokens, every micro-batch and process (the paper's
     # batch) | micro_batch: over each micro-batch on its own process (holds no micro-batch's views for the others)
     threshold_scope: str = "step"
-    # Variants, not in the paper (the defaults are the paper's): see methods/dopd.py
+    # Variants, not in the paper: see methods/dopd.py. The defaults are the variant benchmarks/gap.py's
+    # rule fell back to (the most stable: the paper's DOPD collapsed; docs/experiments/gap.md); paper=true
+    # gives the paper's (PAPER_DOPD), as does the DOPD class's own constructor.
     self_mix: float = 1.0  # HS/LL target: log_softmax(g log pi_S(.|x,p) + (1 - g) log pi_T(.|x,p)); 1 = the self
-    hs_rejected: str = "self"  # self | teacher: HS tokens with q_T below its threshold go to HT
-    ht_divergence: str = "js"  # js | reverse_kl (full vocabulary) on HT tokens
+    hs_rejected: str = "teacher"  # self (the paper) | teacher: HS tokens with q_T below its threshold go to HT
+    ht_divergence: str = "reverse_kl"  # js (the paper) | reverse_kl (full vocabulary) on HT tokens
     anchor: float = 0.0  # weight of KL(pi_S(.|x) || pi_init(.|x)) on every response token
     # true: the paper's DOPD exactly, the four variant keys above at PAPER_DOPD's values
     paper: bool = False

@@ -25,7 +25,7 @@ SERVED = ["teacher.mode=served", "teacher.server.url=http://127.0.0.1:9"]
     (["method=opd", "method.opd.estimator=topk", "method.opd.topk=8"],
      "method.opd.topk_from=student needs the teacher's log-probs on the student's top-K ids"),
     (["method=dopd", "method.dopd.topk=8", "method.dopd.topk_from=teacher"],
-     "method dopd's HT term (method.dopd.ht_divergence=js, in method.dopd.regimes) needs the teacher's full "
+     "method dopd's HT term (method.dopd.ht_divergence=reverse_kl, in method.dopd.regimes) needs the teacher's full "
      "vocabulary"),
     (["method=dopd", "method.dopd.topk=8", "teacher.server.full_vocabulary=tail"],
      "method.dopd.topk_from=student"),
