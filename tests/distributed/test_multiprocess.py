@@ -124,7 +124,8 @@ def test_dopd_routes_by_the_whole_steps_tokens_on_every_rank_and_micro_batch(tmp
         assert r.returncode == 0, r.stderr[-4000:]
     for a, b in zip(metrics_rows(whole), metrics_rows(tmp_path / "step"), strict=True):
         for key in ("loss", "grad_norm", "threshold_a", "threshold_qs", "threshold_qt"):
-            assert math.isclose(a[key], b[key], rel_tol=1e-6), (a["step"], key, a[key], b[key])
+            # float32 sums gathered in another order: 1.02e-6 apart measured at step 2 (the reverse-KL HT default)
+            assert math.isclose(a[key], b[key], rel_tol=1e-5), (a["step"], key, a[key], b[key])
     assert not math.isclose(metrics_rows(whole)[0]["loss"], metrics_rows(tmp_path / "micro_batch")[0]["loss"],
                             rel_tol=1e-3)
 
