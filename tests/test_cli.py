@@ -60,19 +60,25 @@ def test_unknown_key_fails_fast_with_one_line(tmp_path):
     assert not out.exists(), "the run directory was created before the config was validated"
 
 
-def test_config_error_is_reported_before_heavy_imports(tmp_path):
-    """No model can have loaded: torch / transformers are not even imported."""
+def _train_in_a_fresh_interpreter(overrides: list[str], heavy: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """`main(['train', 'tiny', *overrides])` in a new Python; stdout is its exit code and which of
+    the `heavy` modules it had imported by then."""
     code = (
         "import sys\n"
         "from mmdistill.cli import main\n"
-        f"rc = main(['train', 'tiny', 'teacher.mode=foo', 'train.output_dir={tmp_path / 'x'}'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'mmdistill.training.loop') "
-        "if m in sys.modules)\n"
-        "print(rc, heavy)\n"
+        f"rc = main(['train', 'tiny', *{overrides!r}])\n"
+        f"print(rc, sorted(m for m in {heavy!r} if m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_config_error_is_reported_before_heavy_imports(tmp_path):
+    """No model can have loaded: torch / transformers are not even imported."""
+    r = _train_in_a_fresh_interpreter(["teacher.mode=foo", f"train.output_dir={tmp_path / 'x'}"],
+                                      ("torch", "transformers", "accelerate", "mmdistill.training.loop"))
     assert r.stdout.strip() == "2 []"
     assert r.stderr.strip().count("\n") == 0 and "'teacher.mode'" in r.stderr
     assert not (tmp_path / "x").exists()
@@ -90,16 +96,8 @@ def test_config_error_is_reported_before_heavy_imports(tmp_path):
 ])
 def test_a_missing_path_is_one_line_before_heavy_imports(tmp_path, overrides, line):
     """Nothing is loaded and the Hub is never asked: torch and transformers are not even imported."""
-    code = (
-        "import sys\n"
-        "from mmdistill.cli import main\n"
-        f"rc = main(['train', 'tiny', *{overrides!r}, 'train.output_dir={tmp_path / 'x'}'])\n"
-        "heavy = sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules)\n"
-        "print(rc, heavy)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=command_env(), capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
+    r = _train_in_a_fresh_interpreter([*overrides, f"train.output_dir={tmp_path / 'x'}"],
+                                      ("torch", "transformers", "huggingface_hub"))
     assert r.stdout.strip() == "2 []"
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mmdistill: {line}"), r.stderr
     assert not (tmp_path / "x").exists()
