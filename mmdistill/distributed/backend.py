@@ -73,8 +73,10 @@ class Backend:
         return student
 
     def build_optimizer(self, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float],
-                        weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+                        weight_decay: float, implementation: str = "auto") -> torch.optim.Optimizer:
+        """torch's AdamW with the kernel optim.implementation names (adamw_kernel)."""
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                 **adamw_kernel(implementation, params))
 
     def prepare(self, student: torch.nn.Module, optimizer) -> tuple[torch.nn.Module, object]:
         """Wrapped for gradient sync (DDP, DeepSpeed's engine), or already sharded (FSDP2)."""
@@ -124,3 +126,19 @@ class Backend:
 
     def load_state(self, directory: Path, model: torch.nn.Module, optimizer, optimizer_state: dict | None) -> None:
         raise NotImplementedError
+
+
+# Devices whose floating-point parameters torch's fused AdamW takes (torch >= 2.4 for the CPU).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw_kernel(implementation: str, params: list[torch.nn.Parameter]) -> dict[str, bool]:
+    """AdamW's keyword for optim.implementation. auto: the fused kernel when every parameter is a
+    floating-point tensor on a device it covers; otherwise ("default" too) torch's own choice:
+    foreach on CUDA, a Python loop over the tensors on the CPU, the slowest there."""
+    if implementation == "fused":
+        return {"fused": True}
+    if implementation in ("foreach", "for_loop"):
+        return {"foreach": implementation == "foreach"}
+    fusable = params and all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    return {"fused": True} if implementation == "auto" and fusable else {}

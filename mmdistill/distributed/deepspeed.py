@@ -58,14 +58,17 @@ class DeepSpeed(Backend):
         return student
 
     def build_optimizer(self, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float],
-                        weight_decay: float) -> torch.optim.Optimizer:
+                        weight_decay: float, implementation: str = "auto") -> torch.optim.Optimizer:
         """With the optimizer state offloaded to the CPU, DeepSpeed's CPU AdamW (the same update,
-        vectorised on the CPU; compiled by DeepSpeed on first use), which it requires there."""
+        vectorised on the CPU; compiled by DeepSpeed on first use), which it requires there.
+        Otherwise torch's AdamW, with torch's default kernel under auto: DeepSpeed's engine steps
+        it on its own flat partitions, where the fused kernel is not what it tests."""
         if offload_device(self.ds, "offload_optimizer") == "cpu":
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiles DeepSpeed's CPU op: only when asked for
 
             return DeepSpeedCPUAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adamw_mode=True)
-        return super().build_optimizer(params, lr, betas, weight_decay)
+        return super().build_optimizer(params, lr, betas, weight_decay,
+                                       "default" if implementation == "auto" else implementation)
 
     def shard_teacher(self, teacher) -> None:
         raise ConfigError("train.fsdp_teacher=true is not supported under DeepSpeed; launch with ddp.yaml or fsdp.yaml")

@@ -96,23 +96,42 @@ def _record(out: dict[str, torch.Tensor], shape: torch.Size, b: torch.Tensor, n:
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
+    """The gradient of each chunk is taken in the forward, while its log-probs are at hand, and
+    kept for backward (one buffer the size of the student's logits, which backward would allocate
+    anyway): no chunk is computed twice. A second backward through the same graph
+    (retain_graph=True) finds the buffer handed out and recomputes chunk by chunk instead."""
+
     @staticmethod
     def forward(ctx, fn, prepare, chunk_size, n_targets, values_out, diagnostics, diag_out, weight, student, *tensors):
         ctx.fn, ctx.prepare, ctx.chunk_size, ctx.n_targets = fn, prepare, chunk_size, n_targets
+        ctx.n_tensors = len(tensors)
         ctx.save_for_backward(weight, student, *tensors)
+        ctx.grad = torch.zeros_like(student) if ctx.needs_input_grad[8] else None
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for b, n in _chunks(weight, chunk_size):
-            args = _chunk_args(_rows(student, b, n), tensors[:n_targets], tensors[n_targets:], b, n, prepare)
-            values = fn(*args)
+            x = _rows(student, b, n)
+            if ctx.grad is not None:
+                x = x.detach().requires_grad_(True)
+            with torch.enable_grad() if ctx.grad is not None else torch.no_grad():
+                args = _chunk_args(x, tensors[:n_targets], tensors[n_targets:], b, n, prepare)
+                values = fn(*args)
+                value = (weight[b, n] * values).sum()
+            if ctx.grad is not None:
+                (g,) = torch.autograd.grad(value, x)
+                ctx.grad[b, n] = g.to(ctx.grad.dtype)
             if values_out is not None:
-                values_out[b, n] = values.to(values_out.dtype)
+                values_out[b, n] = values.detach().to(values_out.dtype)
             if diagnostics is not None:
-                _record(diag_out, weight.shape, b, n, diagnostics(*args))
-            total += (weight[b, n] * values).sum()
+                with torch.no_grad():
+                    _record(diag_out, weight.shape, b, n, diagnostics(*[a.detach() for a in args]))
+            total += value.detach()
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad, ctx.grad = ctx.grad, None
+        if grad is not None:
+            return (None,) * 8 + (grad.mul_(grad_out), *([None] * ctx.n_tensors))
         weight, student, *tensors = ctx.saved_tensors
         grad = torch.zeros_like(student)
         for b, n in _chunks(weight, ctx.chunk_size):

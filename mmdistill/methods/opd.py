@@ -64,8 +64,13 @@ class OPD:
 
     @staticmethod
     def _diagnostics(ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"reverse_kl": reverse_kl(ls, lt), **OPD._diagnostics_besides_kl(ls, lt, ids)}
+
+    @staticmethod
+    def _diagnostics_besides_kl(ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The full estimator's per-token loss is the reverse KL itself (values_out), so its
+        diagnostics skip a second pass over the vocabulary for it."""
         return {
-            "reverse_kl": reverse_kl(ls, lt),
             "sampled_reverse_kl": gather_at(ls, ids) - gather_at(lt, ids),
             "student_entropy": entropy(ls),
             "teacher_entropy": entropy(lt),
@@ -104,6 +109,11 @@ class OPD:
                               chunk_size=self.chunk_size, diagnostics=self._diagnostics_sparse, diag_out=diag)
             return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
         t = target_logits(views, self.target, s)
-        loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
-                          diagnostics=self._diagnostics, diag_out=diag)
+        if self.estimator == "full":
+            diag["reverse_kl"] = torch.zeros(weight.shape, dtype=torch.float32, device=s.device)
+            loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
+                              values_out=diag["reverse_kl"], diagnostics=self._diagnostics_besides_kl, diag_out=diag)
+        else:
+            loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
+                              diagnostics=self._diagnostics, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}

@@ -109,7 +109,8 @@ def build(cfg: DictConfig, accelerator, backend: Backend) -> Run:
     if warning:
         accelerator.print(warning)
     optimizer = backend.build_optimizer([p for p in student.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                        betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+                                        betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
+                                        implementation=cfg.optim.implementation)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.optim.warmup_ratio * stream.ends[-1]),
                                                 stream.ends[-1])
     # The frozen teacher is never wrapped: it stays in eval mode, whole on every device unless

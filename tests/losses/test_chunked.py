@@ -150,7 +150,8 @@ def test_diagnostics_need_somewhere_to_go():
 def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chunk):
     """`prepare` turns the targets' rows into fn's target arguments: the loss and gradient equal
     a brute force on the prepared targets, and the forward builds them once per chunk (the
-    diagnostics reuse the loss's), the chunked backward once more per chunk."""
+    diagnostics reuse the loss's), and backward never rebuilds them (the gradient is taken in the
+    forward)."""
     s, t, mask = data()
     u = torch.randn_like(t).masked_fill(~mask[..., None], float("nan"))
     w = reduction_weights(mask)
@@ -172,10 +173,10 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
     n_forward = len(calls)
     loss.backward()
     tokens = int(mask.sum())
-    # chunk None here fits one automatic chunk: the graph is kept, no rebuild in backward
+    # chunk None here fits one automatic chunk: the graph is kept
     expected = 1 if chunk in (None, 0) else -(-tokens // chunk)
     assert n_forward == expected and sum(calls[:n_forward]) == tokens
-    assert len(calls) == (n_forward if chunk in (None, 0) else 2 * n_forward)
+    assert len(calls) == n_forward
 
     y = s.clone().requires_grad_(True)
 
@@ -192,6 +193,64 @@ def test_prepared_targets_are_built_once_per_chunk_for_loss_and_diagnostics(chun
     h = -(lt.exp() * lt).sum(-1)
     torch.testing.assert_close(diag["target_entropy"][mask], h[mask].float())
     assert (diag["target_entropy"][~mask] == 0).all()
+
+
+def _recomputed(fn, student, targets, weight, chunk_size, extras=()):
+    """The chunked loss as it was before the gradient moved into the forward: the forward keeps
+    no graph and backward recomputes each chunk (the path a second backward still takes)."""
+    import mmdistill.losses.chunked as chunked
+
+    class Recompute(chunked._ChunkedTokenLoss):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch.no_grad():
+                total = chunked._ChunkedTokenLoss.forward(ctx, *args)
+            ctx.grad = None
+            return total
+
+    return Recompute.apply(fn, None, chunk_size, len(targets), None, None, None, weight, student, *targets, *extras)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_gradient_taken_in_the_forward_is_bit_identical_to_the_recomputed_one(chunk, dtype):
+    """Same loss, same gradient bits as recomputing each chunk in backward, under a scaled
+    upstream gradient (gradient accumulation divides the loss) in fp32 and bf16."""
+    s, t, mask = data(6, dtype=torch.float32)
+    t = torch.nan_to_num(t)
+    w = reduction_weights(mask)
+    x = s.to(dtype).requires_grad_(True)
+    loss = token_loss(reverse_kl, x, [t.to(dtype)], w, chunk_size=chunk)
+    (loss / 3).backward()
+    y = s.to(dtype).requires_grad_(True)
+    ref = _recomputed(reverse_kl, y, [t.to(dtype)], w, chunk)
+    (ref / 3).backward()
+    assert torch.equal(loss.detach(), ref.detach())
+    assert torch.equal(x.grad, y.grad) and x.grad.dtype == dtype
+
+
+def test_a_second_backward_through_a_retained_graph_recomputes_and_agrees():
+    s, t, mask = data(7)
+    x = s.clone().requires_grad_(True)
+    loss = token_loss(reverse_kl, x, [t], reduction_weights(mask), chunk_size=2)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, rtol=0, atol=1e-12)
+
+
+def test_a_student_without_gradient_gets_no_gradient_buffer(monkeypatch):
+    """Scoring without grad (evaluation) takes no gradient in the forward: no buffer, no autograd."""
+    s, t, mask = data(8)
+    seen = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: seen.append(1) or real(*a, **k))
+    with_grad = token_loss(reverse_kl, s.clone().requires_grad_(True), [t], reduction_weights(mask), chunk_size=2)
+    assert seen
+    seen.clear()
+    without = token_loss(reverse_kl, s, [t], reduction_weights(mask), chunk_size=2)
+    assert not seen and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)
 
 
 @pytest.mark.parametrize("empty", ["exclude", "zero"])
