@@ -62,7 +62,10 @@ CONTROLS = {  # the routing's own contribution: the same shares dealt to random 
     "dopd_reject_rkl_shuffled": VARIANTS["dopd_reject_rkl"] + ["method.dopd.routing=shuffled"],
 }
 CONTINUAL = ("opd", "full_opd", "dopd", "dopd_reject_rkl")
-COMMON = ["teacher.mode=model", "train.keep_checkpoints=0", "train.sample_every=0"]
+# AdamW's for-loop kernel and torch's multinomial draw, what every run had before the faster defaults
+# (optim.implementation, rollout.sampler): the protocol's runs share one optimizer and one sampler
+COMMON = ["teacher.mode=model", "train.keep_checkpoints=0", "train.sample_every=0", "optim.implementation=for_loop",
+          "rollout.sampler=multinomial"]
 
 PROTOCOL = {
     "full": {

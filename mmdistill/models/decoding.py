@@ -21,6 +21,7 @@ from torch._dynamo.exc import TorchDynamoException
 from transformers import CompileConfig, GenerationConfig, StaticCache
 
 from mmdistill.models.composite import CompositeVLM
+from mmdistill.models.sampling import inverse_cdf_generation, uses_inverse_cdf
 from mmdistill.models.weights import collective
 
 SHORTEST_CACHE = 64
@@ -105,7 +106,9 @@ class Decoder:
         self.cache: tuple[Any, tuple, StaticCache] | None = None  # (model ref, shape key, cache)
 
     def generate(self, model: torch.nn.Module, mode: str, ids: torch.Tensor, attn: torch.Tensor,
-                 gen: GenerationConfig, **kwargs: Any) -> torch.Tensor:
+                 gen: GenerationConfig, sampler: str = "auto", **kwargs: Any) -> torch.Tensor:
+        if gen.do_sample and uses_inverse_cdf(sampler, ids.device):
+            gen, kwargs["logits_processor"] = inverse_cdf_generation(gen)
         reason = self.failed.get(model) or eager_reason(model, mode)
         if reason is None:
             try:
