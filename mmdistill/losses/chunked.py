@@ -95,6 +95,9 @@ def _record(out: dict[str, torch.Tensor], shape: torch.Size, b: torch.Tensor, n:
         out[k][b, n] = v.detach().to(torch.float32)
 
 
+STUDENT = 9  # the student's logits among _ChunkedTokenLoss.forward's inputs
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     """The gradient of each chunk is taken in the forward, while its log-probs are at hand, and
     kept for backward (one buffer the size of the student's logits, which backward would allocate
@@ -102,22 +105,27 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     (retain_graph=True) finds the buffer handed out and recomputes chunk by chunk instead."""
 
     @staticmethod
-    def forward(ctx, fn, prepare, chunk_size, n_targets, values_out, diagnostics, diag_out, weight, student, *tensors):
+    def forward(ctx, fn, closed_form, prepare, chunk_size, n_targets, values_out, diagnostics, diag_out, weight,
+                student, *tensors):
         ctx.fn, ctx.prepare, ctx.chunk_size, ctx.n_targets = fn, prepare, chunk_size, n_targets
         ctx.n_tensors = len(tensors)
         ctx.save_for_backward(weight, student, *tensors)
-        ctx.grad = torch.zeros_like(student) if ctx.needs_input_grad[8] else None
+        ctx.grad = torch.zeros_like(student) if ctx.needs_input_grad[STUDENT] else None
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
         for b, n in _chunks(weight, chunk_size):
             x = _rows(student, b, n)
-            if ctx.grad is not None:
+            autograd = ctx.grad is not None and closed_form is None
+            if autograd:
                 x = x.detach().requires_grad_(True)
-            with torch.enable_grad() if ctx.grad is not None else torch.no_grad():
+            with torch.enable_grad() if autograd else torch.no_grad():
                 args = _chunk_args(x, tensors[:n_targets], tensors[n_targets:], b, n, prepare)
-                values = fn(*args)
+                values, g = closed_form(*args) if closed_form is not None else (fn(*args), None)
                 value = (weight[b, n] * values).sum()
-            if ctx.grad is not None:
+            if autograd:
                 (g,) = torch.autograd.grad(value, x)
+            elif ctx.grad is not None:
+                g = weight[b, n].unsqueeze(-1) * g
+            if ctx.grad is not None:
                 ctx.grad[b, n] = g.to(ctx.grad.dtype)
             if values_out is not None:
                 values_out[b, n] = values.detach().to(values_out.dtype)
@@ -131,7 +139,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad, ctx.grad = ctx.grad, None
         if grad is not None:
-            return (None,) * 8 + (grad.mul_(grad_out), *([None] * ctx.n_tensors))
+            return (None,) * STUDENT + (grad.mul_(grad_out), *([None] * ctx.n_tensors))
         weight, student, *tensors = ctx.saved_tensors
         grad = torch.zeros_like(student)
         for b, n in _chunks(weight, ctx.chunk_size):
@@ -141,7 +149,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 value = (weight[b, n] * ctx.fn(*args)).sum()
             (g,) = torch.autograd.grad(value, x)
             grad[b, n] = (g * grad_out).to(grad.dtype)
-        return (None, None, None, None, None, None, None, None, grad, *([None] * len(tensors)))
+        return (None,) * STUDENT + (grad, *([None] * len(tensors)))
 
 
 def token_loss(
@@ -155,6 +163,7 @@ def token_loss(
     diagnostics: Callable[..., dict[str, torch.Tensor]] | None = None,
     diag_out: dict[str, torch.Tensor] | None = None,
     prepare: Callable[..., Sequence[torch.Tensor]] | None = None,
+    closed_form: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """sum over positions of weight * fn(...), differentiable in `student` only.
 
@@ -171,6 +180,9 @@ def token_loss(
     written into `diag_out` as [B, N] float32 maps, 0 where weight is 0 (see token_values).
     prepare: an optional function of the targets' log-prob rows (no gradient) returning fn's
     target arguments (any number), built once per chunk for fn and diagnostics alike.
+    closed_form: an optional function of fn's arguments returning (fn's values, their gradient in
+    the student's logits rows), used by the chunked path instead of autograd (a second backward
+    through a retained graph still recomputes with fn).
     """
     if (diagnostics is None) != (diag_out is None):
         raise ValueError("diagnostics and diag_out go together")
@@ -191,8 +203,8 @@ def token_loss(
             with torch.no_grad():
                 _record(diag_out, weight.shape, b, n, diagnostics(*[a.detach() for a in args]))
         return (weight[b, n] * values).sum()
-    return _ChunkedTokenLoss.apply(fn, prepare, chunk_size, len(targets), values_out, diagnostics, diag_out,
-                                   weight.detach(), student, *targets, *extras)
+    return _ChunkedTokenLoss.apply(fn, closed_form, prepare, chunk_size, len(targets), values_out, diagnostics,
+                                   diag_out, weight.detach(), student, *targets, *extras)
 
 
 @torch.no_grad()

@@ -38,6 +38,20 @@ def reverse_kl(lp_s: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
     return _kl(lp_s, lp_t)
 
 
+def reverse_kl_and_grad(lp_s: torch.Tensor, lp_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reverse_kl(lp_s, lp_t), its gradient in the student's logits), in closed form:
+    d KL / d z_k = p_k (log p_k - log q_k - KL), where lp_s = log_softmax(z). The same sums as
+    reverse_kl and the same gradient autograd takes through log_softmax and it, in about half
+    the passes over the vocabulary (chunked.token_loss's `closed_form`)."""
+    absent = _absent(lp_s)
+    a = lp_s.masked_fill(absent, 0.0)
+    p = a.exp()
+    d = a - lp_t
+    zero = torch.zeros_like(a)
+    kl = torch.where(absent, zero, p * d).sum(-1)
+    return kl, torch.where(absent, zero, p * (d - kl.unsqueeze(-1)))
+
+
 def forward_kl(lp_t: torch.Tensor, lp_s: torch.Tensor) -> torch.Tensor:
     """KL(p_t || p_s): mass-covering; infinite where the teacher has support the student lacks."""
     return _kl(lp_t, lp_s)

@@ -9,7 +9,7 @@ import torch
 
 from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import reduction_weights, token_loss
-from mmdistill.losses.divergences import entropy, reverse_kl, sampled_token_pg, topk_reverse_kl
+from mmdistill.losses.divergences import entropy, reverse_kl, reverse_kl_and_grad, sampled_token_pg, topk_reverse_kl
 from mmdistill.losses.sparse import tail_buckets, teacher_topk
 from mmdistill.methods.base import (
     TARGETS,
@@ -112,8 +112,13 @@ class OPD:
         if self.estimator == "full":
             diag["reverse_kl"] = torch.zeros(weight.shape, dtype=torch.float32, device=s.device)
             loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
-                              values_out=diag["reverse_kl"], diagnostics=self._diagnostics_besides_kl, diag_out=diag)
+                              values_out=diag["reverse_kl"], diagnostics=self._diagnostics_besides_kl, diag_out=diag,
+                              closed_form=_reverse_kl_and_grad)
         else:
             loss = token_loss(self._per_token, s, [t], weight, extras=[ids], chunk_size=self.chunk_size,
                               diagnostics=self._diagnostics, diag_out=diag)
         return loss, {"loss": float(loss.detach()), **weighted_means(diag, weight)}
+
+
+def _reverse_kl_and_grad(ls: torch.Tensor, lt: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reverse_kl_and_grad(ls, lt)

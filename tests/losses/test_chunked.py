@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
-from mmdistill.losses.divergences import forward_kl, reverse_kl
+from mmdistill.losses.divergences import forward_kl, reverse_kl, reverse_kl_and_grad
 from tests.helpers import ref_reduce
 
 
@@ -208,7 +208,8 @@ def _recomputed(fn, student, targets, weight, chunk_size, extras=()):
             ctx.grad = None
             return total
 
-    return Recompute.apply(fn, None, chunk_size, len(targets), None, None, None, weight, student, *targets, *extras)
+    return Recompute.apply(fn, None, None, chunk_size, len(targets), None, None, None, weight, student, *targets,
+                           *extras)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -227,6 +228,28 @@ def test_gradient_taken_in_the_forward_is_bit_identical_to_the_recomputed_one(ch
     (ref / 3).backward()
     assert torch.equal(loss.detach(), ref.detach())
     assert torch.equal(x.grad, y.grad) and x.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_closed_form_gradient_replaces_autograd_and_agrees(chunk, monkeypatch):
+    """closed_form: the chunked loss takes (values, gradient) from it, never calls autograd, and
+    equals the autograd path (values to the bit here, gradients to float64 rounding)."""
+    s, t, mask = data(9)
+    w = reduction_weights(mask)
+    x = s.clone().requires_grad_(True)
+    plain = token_loss(reverse_kl, x, [t], w, chunk_size=chunk)
+    (2.5 * plain).backward()
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = s.clone().requires_grad_(True)
+    out = torch.zeros(mask.shape, dtype=torch.float64)
+    closed = token_loss(reverse_kl, y, [t], w, chunk_size=chunk, values_out=out, closed_form=reverse_kl_and_grad)
+    (2.5 * closed).backward()
+    assert not calls
+    assert torch.equal(closed.detach(), plain.detach())
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-10, atol=1e-14)
+    assert (y.grad[~mask] == 0).all() and (out[mask] != 0).all()
 
 
 def test_a_second_backward_through_a_retained_graph_recomputes_and_agrees():

@@ -610,3 +610,24 @@ def test_gjsd_validates_scale():
     ls, lt = lps(*logits_pair(0))
     with pytest.raises(ValueError, match="scale"):
         D.generalized_jsd(ls, lt, 0.5, "trl")
+
+
+def test_reverse_kl_closed_form_gradient_is_autograds():
+    """reverse_kl_and_grad: the value is reverse_kl's to the bit and the gradient in the logits is
+    autograd's through log_softmax, with ids the student gives no mass (-inf logits) and ids only
+    the student gives mass to (the teacher's -inf where the student has none gives 0)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 6, 13, generator=g, dtype=torch.float64) * 3
+    zt = torch.randn(4, 6, 13, generator=g, dtype=torch.float64) * 3
+    z[0, :, 2] = float("-inf")
+    zt[0, :, 2] = float("-inf")  # absent on both sides
+    z[1, 3, 5] = float("-inf")
+    lt = torch.log_softmax(zt, -1)
+    x = z.clone().requires_grad_(True)
+    ref = D.reverse_kl(torch.log_softmax(x, -1), lt)
+    w = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    (ref * w).sum().backward()
+    value, grad = D.reverse_kl_and_grad(torch.log_softmax(z, -1), lt)
+    assert torch.equal(value, ref.detach())
+    torch.testing.assert_close(w.unsqueeze(-1) * grad, x.grad, rtol=1e-10, atol=1e-13)
+    assert (grad[0, :, 2] == 0).all() and grad.isfinite().all()

@@ -42,12 +42,13 @@ def views_for(zs, zt, target="teacher_plain"):
 # ---------------------------------------------------------------- OPD values
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 3])  # chunked, "full" takes its gradient in closed form
 @pytest.mark.parametrize("reduction", ["seq", "token"])
 @pytest.mark.parametrize("estimator,k", [("full", None), ("topk", 3), ("topk", 1), ("topk", V)])
-def test_opd_full_and_topk_equal_reverse_kl_reference(estimator, k, reduction):
+def test_opd_full_and_topk_equal_reverse_kl_reference(estimator, k, reduction, chunk):
     batch = make_batch(seed=3)
     zs, zt = make_logits(3), make_logits(4)
-    method = OPD(estimator=estimator, topk=k or 2, reduction=reduction)  # "full" must ignore topk
+    method = OPD(estimator=estimator, topk=k or 2, reduction=reduction, chunk_size=chunk)  # "full" ignores topk
     s, t, views = views_for(zs, zt)
     loss, metrics = method.loss(views, batch)
     loss.backward()
