@@ -14,7 +14,9 @@ target arguments once per chunk, so the loss and its diagnostics share one build
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextvars
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -32,6 +34,20 @@ def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be None (auto), 0 (off) or positive, got {chunk_size}")
     return chunk_size
+
+
+_DIAGNOSE = contextvars.ContextVar("mmdistill_diagnose", default=True)
+
+
+@contextmanager
+def skip_diagnostics(skip: bool = True) -> Iterator[None]:
+    """token_loss computes no diagnostics inside (a step whose metrics row is not logged: the
+    entropies and KLs of a full vocabulary cost as much as a third of the loss at 49k ids)."""
+    token = _DIAGNOSE.set(not skip)
+    try:
+        yield
+    finally:
+        _DIAGNOSE.reset(token)
 
 
 # How a "seq" mean treats a sequence with no token in the mask (e.g. a response no longer than
@@ -186,6 +202,8 @@ def token_loss(
     """
     if (diagnostics is None) != (diag_out is None):
         raise ValueError("diagnostics and diag_out go together")
+    if not _DIAGNOSE.get():
+        diagnostics = diag_out = None
     targets = [t.detach() for t in targets]
     auto = chunk_size is None
     chunk_size = resolve_chunk_size(chunk_size, student.shape[-1])

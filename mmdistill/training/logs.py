@@ -108,8 +108,12 @@ class Progress:
         self.bar = tqdm(total=total, initial=start, desc=f"train {cfg.method.name}",
                         disable=not (cfg.train.progress and accelerator.is_local_main_process))
 
+    def logs(self, step: int) -> bool:
+        """Whether `step`'s row is written (the same answer on every rank)."""
+        return step % self.every == 0 or step == self.total
+
     def step(self, step: int, row: dict) -> None:
-        if self.logger and (step % self.every == 0 or step == self.total):
+        if self.logger and self.logs(step):
             self.logger.log(step, row)
             self.accelerator.log(row, step=step)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -53,7 +53,7 @@ def _run(cfg: DictConfig, accelerator, backend, stop: SignalStop) -> Path:
     run.rollouts = RolloutLog(run.run_dir, accelerator.process_index, run.start, cfg.train.sample_every, run.adapter)
     step, saved, stopped = run.start, False, 0
     for step in range(run.start + 1, run.total + 1):
-        row = train_step(run, step)
+        row = train_step(run, step, diagnose=progress.logs(step))
         if row is None:
             step -= 1
             accelerator.print(f"data exhausted after {cfg.data.epochs} epoch(s); stopping at step {step}")

@@ -17,13 +17,15 @@ from accelerate.utils import gather_object
 
 from mmdistill.adapters.scoring import Views
 from mmdistill.core.batch import Batch
+from mmdistill.losses.chunked import skip_diagnostics
 from mmdistill.training.setup import Run
 from mmdistill.training.stopping import stop_if_not_finite
 
 
-def train_step(run: Run, step: int) -> dict | None:
+def train_step(run: Run, step: int, diagnose: bool = True) -> dict | None:
     """The step's metrics row (loss parts averaged over ranks, token counts summed), or None when
-    the data is exhausted before it starts."""
+    the data is exhausted before it starts. diagnose=False: a row nobody logs (train.log_every),
+    so the losses skip their per-token diagnostics."""
     run.stream.enter(run.stream.stage_of(step))
     t0 = time.perf_counter()
     fetched = _fetch(run.stream, run.cfg.train.grad_accum)  # all first: the last one syncs the gradients
@@ -36,8 +38,9 @@ def train_step(run: Run, step: int) -> dict | None:
     tokens, lengths, distinct = 0, [], 0.0
     for i, samples in enumerate(fetched):
         batch, views = sampled[i] if sampled else _sample(run, step, samples, timing)
-        metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched),
-                                     timing=timing)
+        with skip_diagnostics(not diagnose):
+            metrics = _loss_and_backward(run, step, batch, views, last=i == len(fetched) - 1, scale=len(fetched),
+                                         timing=timing)
         for k, v in metrics.items():
             parts[k] = parts.get(k, 0.0) + v / len(fetched)
         tokens += batch.num_tokens

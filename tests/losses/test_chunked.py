@@ -307,3 +307,27 @@ def test_reduction_weights_all_empty_is_all_zero(empty):
 def test_reduction_weights_validates_empty():
     with pytest.raises(ValueError, match="empty"):
         reduction_weights(torch.ones(2, 2, dtype=torch.bool), "seq", empty="drop")
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_skip_diagnostics_leaves_them_out_and_the_loss_as_it_was(chunk):
+    from mmdistill.losses.chunked import skip_diagnostics
+
+    s, t, mask = data()
+    w = reduction_weights(mask)
+    results = []
+    for skip in (False, True):
+        x = s.clone().requires_grad_(True)
+        diag = {}
+        with skip_diagnostics(skip):
+            loss = token_loss(reverse_kl, x, [t], w, chunk_size=chunk, diagnostics=lambda ls, lt: {"h": ls[:, 0]},
+                              diag_out=diag)
+        loss.backward()
+        results.append((loss.detach(), x.grad, diag))
+    assert set(results[0][2]) == {"h"} and results[1][2] == {}
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with skip_diagnostics(True):
+        pass
+    diag = {}
+    token_loss(reverse_kl, s, [t], w, chunk_size=chunk, diagnostics=lambda ls, lt: {"h": ls[:, 0]}, diag_out=diag)
+    assert set(diag) == {"h"}  # the context restores what it found

@@ -189,3 +189,27 @@ def test_a_data_error_during_training_is_one_line(tmp_path, capsys):
         "response tokens exceeds the context of 20 (raise train.max_length or shorten the sample)")
     with pytest.raises(ContextTooLong):
         main([*args, "--traceback"])
+
+
+def test_diagnostics_are_computed_on_logged_steps_only(tmp_path, monkeypatch):
+    """train.log_every=2 over 5 steps writes rows 2, 4 and 5; the per-token diagnostics run on
+    those steps only, the logged rows carry them, and the weights are those of a run that
+    computes them every step (diagnostics never touch the gradient)."""
+    from mmdistill.methods.opd import OPD
+
+    calls = []
+    real = OPD._diagnostics_besides_kl
+    monkeypatch.setattr(OPD, "_diagnostics_besides_kl",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    common = ["method=full_opd", "train.max_steps=5", "rollout.max_new_tokens=8"]
+    every, every_rows = run(tmp_path, "every", *common)
+    per_step = len(calls) // 5
+    assert per_step >= 1 and len(calls) == 5 * per_step
+    calls.clear()
+    sparse, rows = run(tmp_path, "sparse", *common, "train.log_every=2")
+    assert len(calls) == 3 * per_step
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert all("student_entropy" in r and "reverse_kl" in r for r in rows)
+    assert [r["student_entropy"] for r in rows] == [every_rows[i]["student_entropy"] for i in (1, 3, 4)]
+    for k in every:
+        assert torch.equal(every[k], sparse[k]), k
