@@ -27,10 +27,13 @@ Both sides: the same random-weight model saved once and loaded by both; chain-ar
 (mmdistill's task; a `datasets.Dataset` for TRL) kept only where the plain and the privileged prompt
 have the most common token length, so every batch pads to the same widths in any order; the same
 teacher template; temperature 1, no top-k/top-p; exactly N new tokens per response (min_new_tokens =
-max_new_tokens on both; the probe counts them and any EOS); one response per prompt; AdamW (torch's,
-not fused) with the same lr and betas, no weight decay, grad clip 1, cosine schedule without warm-up;
-no activation checkpointing (TRL's default is on; --checkpointing turns it on for both); bf16 =
-autocast over fp32 weights on both. Where the two still differ: docs/benchmarks.md.
+max_new_tokens on both; the probe counts them and any EOS); one response per prompt; torch's fused
+AdamW (mmdistill's default, TRL's adamw_torch_fused) with the same lr and betas, no weight decay,
+grad clip 1, cosine schedule without warm-up; no activation checkpointing (TRL's default is on;
+--checkpointing turns it on for both); bf16 = autocast over fp32 weights on both. Each side draws
+tokens its own default way, from the same distribution (mmdistill's rollout.sampler=auto: the
+inverse CDF on the CPU; transformers' multinomial in TRL). Where the two still differ:
+docs/benchmarks.md.
 
 Phases come from one probe installed the same way on both sides (forward hooks and a wrapper around
 `generate`; on CUDA it synchronises at each boundary, on both sides): rollout (generate), student
@@ -272,10 +275,12 @@ def worker_mmdistill(spec: dict, records: Records) -> None:
     overrides = [
         f"student.path={spec['model_dir']}", "data.source=jsonl", f"data.train_path={spec['model_dir']}/pool.jsonl",
         f"rollout.max_new_tokens={n}", "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.num_rollouts=1",
-        f"optim.lr={spec['lr']}", "optim.weight_decay=0.0", "optim.warmup_ratio=0.0", "optim.grad_clip=1.0",
+        f"optim.lr={spec['lr']}", "optim.implementation=fused", "optim.weight_decay=0.0", "optim.warmup_ratio=0.0",
+        "optim.grad_clip=1.0",
         f"train.max_steps={spec['steps']}", f"train.batch_size={spec['batch']}", "train.grad_accum=1",
         f"train.seed={spec['seed']}", "train.keep_checkpoints=0", "train.checkpoint_every=0", "train.sample_every=0",
-        "train.progress=false", f"train.mixed_precision={'bf16' if spec['dtype'] == 'bf16' else 'no'}",
+        "train.progress=false", f"train.log_every={spec['log_every']}",
+        f"train.mixed_precision={'bf16' if spec['dtype'] == 'bf16' else 'no'}",
         f"train.output_dir={spec['run_dir']}", "eval.num_samples=0",
         f"train.gradient_checkpointing={str(spec['checkpointing']).lower()}",
     ]
@@ -342,8 +347,9 @@ def worker_trl(spec: dict, records: Records) -> None:
     pool = read_pool(spec["model_dir"])
     common = dict(output_dir=spec["run_dir"], max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
                   gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, adam_beta1=0.9,
-                  adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
-                  lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
+                  adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch_fused",
+                  lr_scheduler_type="cosine", warmup_steps=0, logging_steps=spec["log_every"], save_strategy="no",
+                  report_to="none",
                   disable_tqdm=True, seed=spec["seed"], bf16=bf16, use_cpu=spec["device"] == "cpu",
                   dataloader_num_workers=0, gradient_checkpointing=spec["checkpointing"])  # TRL's default: on
     if obj in ("full_rkl", "topk"):
@@ -734,6 +740,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpointing", action="store_true",
                    help="activation checkpointing on both sides (TRL's default; off here unless asked)")
     p.add_argument("--no-sync", action="store_true", help="CUDA: do not synchronise at phase boundaries")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="a metrics row every N steps on both sides (train.log_every / logging_steps); mmdistill "
+                        "computes its per-token diagnostics on those steps only")
     p.add_argument("--smollm2-dir", default=None, help="SmolLM2's tokenizer+config (default: .gpu/smollm2 or the GGUF)")
     p.add_argument("--out", default=str(REPO / "bench_runs" / "compare_trl"), help="models, run records and logs")
     p.add_argument("--json", default=None, help="write every step and the summary here (rewritten after each run)")
@@ -820,7 +829,7 @@ def main(argv=None) -> int:
             spec = {"objective": obj, "model_dir": models[model]["path"], "batch": batch, "new_tokens": args.new_tokens,
                     "steps": args.steps, "lr": args.lr, "dtype": args.dtype, "device": args.device, "seed": args.seed,
                     "topk": args.topk, "beta": args.gkd_beta, "lam": args.gkd_lambda, "ema_rate": args.ema_rate,
-                    "sync": not args.no_sync, "checkpointing": args.checkpointing}
+                    "sync": not args.no_sync, "checkpointing": args.checkpointing, "log_every": args.log_every}
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="compare_trl_") as tmp:
                 specs = {side: dict(spec, run_dir=f"{tmp}/{side}") for side in order}
