@@ -313,13 +313,13 @@ def worker_mmdistill(spec: dict, records: Records) -> None:
     probe = None
     train_step = loop.train_step
 
-    def probed_step(run, step):
+    def probed_step(run, step, **kw):
         nonlocal probe
         if probe is None:
             teacher = run.teacher.model if run.teacher is not None else None
             probe = Probe(run.plain, teacher, run.adapter.eos_ids, spec["sync"])
             probe.begin(records)
-        row = train_step(run, step)
+        row = train_step(run, step, **kw)
         if row is None:
             return row
         probe.end_step(records, step, loss=row.get("time_loss", 0.0), backward=row.get("time_backward", 0.0),
