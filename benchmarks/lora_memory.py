@@ -29,11 +29,11 @@ def measure(args: list[str]) -> int:
     phases: dict[str, int] = {}
     step = loop.train_step
 
-    def first_step_resets(run, n):
+    def first_step_resets(run, n, **kw):
         if "load_peak" not in phases:
             phases["load_peak"], phases["rss_at_first_step"] = status("VmHWM"), status("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")
-        return step(run, n)
+        return step(run, n, **kw)
 
     loop.train_step = first_step_resets
     code = main(["train", "--no-launch", *args])
