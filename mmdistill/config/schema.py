@@ -169,7 +169,7 @@ class RolloutConfig:
     fast: str = "auto"
     # How a sampled token is drawn (models/sampling.py): multinomial = torch's (a random number per
     # vocabulary id); inverse_cdf = one per row through the cumulative distribution, the same
-    # distribution; auto = inverse_cdf on the CPU, where it is 7x cheaper at vocabulary 49k
+    # distribution; auto = inverse_cdf on the CPU, where it is 4-7x cheaper at vocabulary 49k
     sampler: str = "auto"
 
 
@@ -252,7 +252,7 @@ class OptimConfig:
     warmup_ratio: float = 0.1
     grad_clip: float = 1.0
     # AdamW's kernel: auto = fused where torch has one for every parameter's device (CPU, CUDA;
-    # on this CPU 6x faster than the for-loop torch otherwise takes there), torch's default
+    # on this CPU 6-10x faster than the for-loop torch otherwise takes there), torch's default
     # elsewhere and under DeepSpeed; fused, foreach, for_loop force one
     implementation: str = "auto"
 
