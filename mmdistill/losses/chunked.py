@@ -128,20 +128,21 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         ctx.save_for_backward(weight, student, *tensors)
         ctx.grad = torch.zeros_like(student) if ctx.needs_input_grad[STUDENT] else None
         total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        closed = closed_form if ctx.grad is not None else None  # without a gradient to take, fn alone
+        autograd = ctx.grad is not None and closed is None
         for b, n in _chunks(weight, chunk_size):
             x = _rows(student, b, n)
-            autograd = ctx.grad is not None and closed_form is None
             if autograd:
                 x = x.detach().requires_grad_(True)
             with torch.enable_grad() if autograd else torch.no_grad():
                 args = _chunk_args(x, tensors[:n_targets], tensors[n_targets:], b, n, prepare)
-                values, g = closed_form(*args) if closed_form is not None else (fn(*args), None)
+                values, g = closed(*args) if closed is not None else (fn(*args), None)
                 value = (weight[b, n] * values).sum()
             if autograd:
                 (g,) = torch.autograd.grad(value, x)
-            elif ctx.grad is not None:
+            elif closed is not None:
                 g = weight[b, n].unsqueeze(-1) * g
-            if ctx.grad is not None:
+            if g is not None:
                 ctx.grad[b, n] = g.to(ctx.grad.dtype)
             if values_out is not None:
                 values_out[b, n] = values.detach().to(values_out.dtype)
