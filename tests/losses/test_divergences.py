@@ -631,3 +631,50 @@ def test_reverse_kl_closed_form_gradient_is_autograds():
     assert torch.equal(value, ref.detach())
     torch.testing.assert_close(w.unsqueeze(-1) * grad, x.grad, rtol=1e-10, atol=1e-13)
     assert (grad[0, :, 2] == 0).all() and grad.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_rows_without_zeros_skip_the_masks_and_give_the_masked_results_bit_for_bit(dtype, monkeypatch):
+    """On the CPU, log-probs with no -inf take a path without boolean masks (_without_absent):
+    every value equals the masked path's exactly, and so does every gradient but those of the
+    mixtures (GKD, JS): there autograd adds the same terms in another order. A tensor with one -inf
+    is masked."""
+    g = torch.Generator().manual_seed(0)
+    lp_s = torch.log_softmax(torch.randn(3, 4, 50, generator=g, dtype=dtype) * 3, -1)
+    lp_t = torch.log_softmax(torch.randn(3, 4, 50, generator=g, dtype=dtype) * 3, -1)
+    fns = {
+        "reverse_kl": lambda s, t: D.reverse_kl(s, t),
+        "forward_kl": lambda s, t: D.forward_kl(t, s),
+        "entropy": lambda s, t: D.entropy(s),
+        "gjsd": lambda s, t: D.generalized_jsd(s, t, 0.3),
+        "js": lambda s, t: D.js(s, t),
+    }
+
+    def run():
+        out = {}
+        for name, fn in fns.items():
+            x = lp_s.clone().requires_grad_(True)
+            value = fn(x, lp_t)
+            value.sum().backward()
+            out[name] = (value.detach(), x.grad)
+        out["closed_form"] = D.reverse_kl_and_grad(lp_s, lp_t)  # these two run without autograd
+        entropy, (kl,) = D.entropy_and_reverse_kls(lp_s, [lp_t])
+        out["entropy_and_kls"] = (entropy, kl)
+        return out
+
+    taken = []
+    real = D._without_absent
+    monkeypatch.setattr(D, "_without_absent", lambda lp: taken.append(real(lp)[1] is None) or real(lp))
+    fast = run()
+    assert taken and all(taken)
+    masked = lambda lp: (lp.masked_fill(lp == -INF, 0.0), lp == -INF)  # noqa: E731
+    monkeypatch.setattr(D, "_without_absent", masked)
+    for name, (value, grad) in run().items():
+        assert torch.equal(value, fast[name][0]), name
+        if name in ("gjsd", "js"):  # lp_s has more than two uses: autograd sums them in another order
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(grad, fast[name][1], rtol=16 * eps, atol=16 * eps * float(grad.abs().max()))
+        else:
+            assert torch.equal(grad, fast[name][1]), name
+    lp_s[1, 2, 7] = -INF
+    assert real(lp_s)[1] is not None and real(lp_s)[1].sum() == 1
