@@ -6,10 +6,14 @@
 Rows (medians of --repeats calls after one warm-up, who goes first alternating):
   loss: OPD's full reverse KL, token_loss + backward on random fp32 logits, with its diagnostics:
         recomputing each chunk in backward (the code before) / the gradient taken in the forward by
-        autograd / in closed form / in closed form on a step that is not logged (no diagnostics);
+        autograd / in closed form with the -inf masks built on every row (the code before) / in
+        closed form, masks only where a row has a -inf (the CPU default) / the same on a step that
+        is not logged (no diagnostics);
   adamw: one AdamW step over the tiny49k model's parameters (llama, 128 wide, 2 layers) with
         random gradients: torch's for-loop / foreach / fused kernel;
-  draw: one sampled token for each of 16 rows: torch.multinomial / the inverse CDF (models/sampling.py).
+  draw: one sampled token for each of 16 rows: torch.multinomial / the inverse CDF (models/sampling.py);
+  rollout: 32 sampled tokens (inverse CDF, EOS banned until the last, as compare_trl) for 16 prompts
+        of 47 tokens from the tiny49k model: transformers' generate / mmdistill's loop (models/token_loop.py).
 """
 from __future__ import annotations
 
@@ -18,13 +22,15 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import mmdistill.losses.chunked as chunked
+import mmdistill.losses.divergences as divergences
 from mmdistill.losses.chunked import reduction_weights, skip_diagnostics, token_loss
 from mmdistill.losses.divergences import reverse_kl_and_grad
 from mmdistill.methods.opd import OPD
-from mmdistill.models.sampling import InverseCDFSampler
+from mmdistill.models import token_loop
+from mmdistill.models.sampling import InverseCDFSampler, inverse_cdf_generation
 
 
 class _Recompute(chunked._ChunkedTokenLoss):
@@ -68,7 +74,10 @@ def loss_calls(vocab: int, rows: int, positions: int) -> dict:
     ids = torch.randint(0, vocab, (rows, positions), generator=g)
     opd = OPD()
 
-    def run(recompute=False, closed=False, logged=True):
+    def masked(lp):
+        return lp.masked_fill(lp == float("-inf"), 0.0), lp == float("-inf")
+
+    def run(recompute=False, closed=False, logged=True, masks=False):
         def call():
             s = s0.clone().requires_grad_(True)
             kw = dict(values_out=torch.zeros(rows, positions), diagnostics=opd._diagnostics_besides_kl, diag_out={},
@@ -77,15 +86,18 @@ def loss_calls(vocab: int, rows: int, positions: int) -> dict:
                 kw["closed_form"] = lambda ls, lt, i: reverse_kl_and_grad(ls, lt)
             real, chunked._ChunkedTokenLoss = chunked._ChunkedTokenLoss, (_Recompute if recompute else
                                                                          chunked._ChunkedTokenLoss)
+            without = divergences._without_absent
+            divergences._without_absent = masked if masks else without
             try:
                 with skip_diagnostics(not logged):
                     token_loss(opd._per_token, s, [t], w, extras=[ids], **kw).backward()
             finally:
-                chunked._ChunkedTokenLoss = real
+                chunked._ChunkedTokenLoss, divergences._without_absent = real, without
         return call
 
-    return {"recompute in backward": run(recompute=True), "gradient in forward": run(),
-            "closed form": run(closed=True), "closed form, step not logged": run(closed=True, logged=False)}
+    return {"recompute in backward": run(recompute=True, masks=True), "gradient in forward": run(masks=True),
+            "closed form, masks": run(closed=True, masks=True), "closed form": run(closed=True),
+            "closed form, step not logged": run(closed=True, logged=False)}
 
 
 def adamw_calls(vocab: int) -> dict:
@@ -105,6 +117,26 @@ def draw_calls(vocab: int, rows: int) -> dict:
             "inverse CDF": lambda: sampler(None, scores)}
 
 
+def rollout_calls(vocab: int, rows: int, new: int = 32, prompt: int = 47) -> dict:
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True, eos_token_id=2,
+                      pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.min_new_tokens = new
+    ids = torch.randint(3, vocab, (rows, prompt), generator=torch.Generator().manual_seed(0))
+    attn = torch.ones_like(ids)
+    gen = GenerationConfig(max_new_tokens=new, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0,
+                           eos_token_id=[2], use_cache=True)
+    greedy, processors = inverse_cdf_generation(gen)
+    steps = token_loop.plan(model, gen, "inverse_cdf")
+
+    @torch.no_grad()
+    def generate():
+        model.generate(input_ids=ids, attention_mask=attn, generation_config=greedy, logits_processor=processors)
+
+    return {"transformers' generate": generate, "mmdistill's loop": lambda: token_loop.decode(model, ids, attn, steps)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=49152)
@@ -117,7 +149,8 @@ def main() -> None:
     print(f"# vocabulary {args.vocab}, {args.rows} x {args.positions} positions, {args.threads} thread(s), "
           f"torch {torch.__version__}")
     for name, calls in (("loss + backward", loss_calls(args.vocab, args.rows, args.positions)),
-                        ("AdamW step", adamw_calls(args.vocab)), ("draw", draw_calls(args.vocab, args.rows))):
+                        ("AdamW step", adamw_calls(args.vocab)), ("draw", draw_calls(args.vocab, args.rows)),
+                        ("rollout", rollout_calls(args.vocab, args.rows, args.positions))):
         for k, v in timed(calls, args.repeats).items():
             print(f"{name:16s} {k:32s} {v * 1000:9.1f} ms", flush=True)
 

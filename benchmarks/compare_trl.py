@@ -36,8 +36,9 @@ inverse CDF on the CPU; transformers' multinomial in TRL). Where the two still d
 docs/benchmarks.md.
 
 Phases come from one probe installed the same way on both sides (forward hooks and a wrapper around
-`generate`; on CUDA it synchronises at each boundary, on both sides): rollout (generate), student
-and teacher forwards outside generate; loss, backward and optimizer (clip, step, schedule,
+`generate`, and around mmdistill's own decoding loop, which stands in for generate; on CUDA it
+synchronises at each boundary, on both sides): rollout (generate or the loop), student and teacher
+forwards outside it; loss, backward and optimizer (clip, step, schedule,
 zero_grad, EMA update) come from mmdistill's own step timers (synchronised the same way) and from
 wrappers around TRL's compute_loss and accelerator.backward and a callback at on_step_end.
 s/step is wall time from a side's turn starting to its step's end (data, logging and everything
@@ -140,9 +141,18 @@ class Probe:
         self.cur: dict[str, float] = defaultdict(float)
         self.info: dict = {}
         self.last_end = None
-        generate = student.generate
+        student.generate = self.timed_rollout(student.generate, lambda args, kwargs: kwargs.get(
+            "input_ids", args[0] if args else None))
+        self.student = student
+        self._hook(student, "student")
+        if teacher is not None and teacher is not student:
+            self._hook(teacher, "teacher")
 
-        def timed_generate(*args, **kwargs):
+    def timed_rollout(self, generate, prompt_of):
+        """`generate` (or a loop standing in for it) timed as the rollout, its tokens and EOS counted."""
+        torch = self.torch
+
+        def timed(*args, **kwargs):
             t0 = self.now()
             self.generating = True
             try:
@@ -150,18 +160,13 @@ class Probe:
             finally:
                 self.generating = False
             seq = out.sequences if hasattr(out, "sequences") else out
-            prompt = kwargs.get("input_ids", args[0] if args else None)
-            new = seq[:, prompt.shape[1]:]
+            new = seq[:, prompt_of(args, kwargs).shape[1]:]
             self.cur["rollout"] += self.now() - t0
             self.info.update(gen_rows=new.shape[0], gen_tokens=new.shape[1],
                              eos=int(torch.isin(new, self.eos.to(new.device)).sum()))
             return out
 
-        student.generate = timed_generate
-        self.student = student
-        self._hook(student, "student")
-        if teacher is not None and teacher is not student:
-            self._hook(teacher, "teacher")
+        return timed
 
     def now(self) -> float:
         if self.sync:
@@ -267,6 +272,7 @@ def worker_mmdistill(spec: dict, records: Records) -> None:
     import torch
 
     import mmdistill.models.loading as loading
+    import mmdistill.models.token_loop as token_loop
     import mmdistill.training.loop as loop
     import mmdistill.training.step as step_module
     from mmdistill.config import load_config
@@ -292,7 +298,7 @@ def worker_mmdistill(spec: dict, records: Records) -> None:
         overrides += ["method.name=gkd", f"method.gkd.beta={spec['beta']}", f"method.gkd.lam={spec['lam']}",
                       "method.gkd.target=teacher_plain", "method.gkd.reduction=token", "method.gkd.jsd_scale=unscaled",
                       "teacher.mode=model", f"teacher.model.path={spec['model_dir']}"]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides + list(spec.get("mmdistill_set", [])))
     cfg.privileged.text = "{reasoning}"  # braces would read as a YAML mapping in an override
     cfg.privileged.template = TEMPLATE
 
@@ -318,6 +324,7 @@ def worker_mmdistill(spec: dict, records: Records) -> None:
         if probe is None:
             teacher = run.teacher.model if run.teacher is not None else None
             probe = Probe(run.plain, teacher, run.adapter.eos_ids, spec["sync"])
+            token_loop.decode = probe.timed_rollout(token_loop.decode, lambda args, kwargs: args[1])  # its own loop
             probe.begin(records)
         row = train_step(run, step, **kw)
         if row is None:
@@ -743,6 +750,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=1,
                    help="a metrics row every N steps on both sides (train.log_every / logging_steps); mmdistill "
                         "computes its per-token diagnostics on those steps only")
+    p.add_argument("--mmdistill-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the mmdistill side only, e.g. rollout.loop=transformers (what a default costs)")
     p.add_argument("--smollm2-dir", default=None, help="SmolLM2's tokenizer+config (default: .gpu/smollm2 or the GGUF)")
     p.add_argument("--out", default=str(REPO / "bench_runs" / "compare_trl"), help="models, run records and logs")
     p.add_argument("--json", default=None, help="write every step and the summary here (rewritten after each run)")
@@ -812,7 +821,8 @@ def main(argv=None) -> int:
     plan = [(r, i, cell) for r in range(args.repeats) for i, cell in enumerate(cells)]
     say(f"# {len(plan)} cells to run ({len(cells)} x {args.repeats} repeats), {' and '.join(args.sides)} taking "
         f"turns step by step; {args.steps} steps each, the first {args.warmup} left out; {args.new_tokens} new "
-        f"tokens; {args.device} {args.dtype}, {args.threads or 'default'} threads")
+        f"tokens; {args.device} {args.dtype}, {args.threads or 'default'} threads"
+        + (f"; mmdistill with {' '.join(args.mmdistill_set)}" if args.mmdistill_set else ""))
     results: dict = defaultdict(list)
     runs, seen = [], {}
     try:
@@ -829,7 +839,8 @@ def main(argv=None) -> int:
             spec = {"objective": obj, "model_dir": models[model]["path"], "batch": batch, "new_tokens": args.new_tokens,
                     "steps": args.steps, "lr": args.lr, "dtype": args.dtype, "device": args.device, "seed": args.seed,
                     "topk": args.topk, "beta": args.gkd_beta, "lam": args.gkd_lambda, "ema_rate": args.ema_rate,
-                    "sync": not args.no_sync, "checkpointing": args.checkpointing, "log_every": args.log_every}
+                    "sync": not args.no_sync, "checkpointing": args.checkpointing, "log_every": args.log_every,
+                    "mmdistill_set": args.mmdistill_set}
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory(prefix="compare_trl_") as tmp:
                 specs = {side: dict(spec, run_dir=f"{tmp}/{side}") for side in order}

@@ -155,6 +155,21 @@ def tar_offsets(path) -> list[tuple[str, int, int]]:
 # ---------------------------------------------------------------- adapters
 
 
+def varied_model(cfg, tok):
+    """The tiny student with larger random weights and a likelier EOS: greedy responses that
+    differ between rows and over time, and that stop at different lengths (random tiny models
+    repeat one token and never stop)."""
+    from mmdistill.models.loading import load_model
+
+    model = load_model(cfg.student, tok, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.get_output_embeddings().weight[tok.eos_token_id].mul_(3.0)
+    return model
+
+
 def rollout_cfg(max_new_tokens: int = 16, **kw):
     """The rollout settings an adapter reads: one sample at temperature 1, `kw` changed."""
     base = dict(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, num_rollouts=1)

@@ -291,7 +291,7 @@ class TextAdapter:
         try:
             synced = {"synced_gpus": True} if synced_generation(model) else {}
             out = self.decoder.generate(model, getattr(cfg, "fast", "auto"), prompts.ids, prompts.attn, gen,
-                                        sampler=getattr(cfg, "sampler", "auto"),
+                                        sampler=getattr(cfg, "sampler", "auto"), loop=getattr(cfg, "loop", "auto"),
                                         **model_inputs(model, prompts.extras), **synced)
         finally:
             model.train(was_training)

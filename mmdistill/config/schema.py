@@ -171,6 +171,10 @@ class RolloutConfig:
     # vocabulary id); inverse_cdf = one per row through the cumulative distribution, the same
     # distribution; auto = inverse_cdf on the CPU, where it is 4-7x cheaper at vocabulary 49k
     sampler: str = "auto"
+    # Who runs an eager decoding loop: auto = mmdistill's own (models/token_loop.py: generate's
+    # tokens, without its per-token passes over the vocabulary) for plain causal LMs and the
+    # settings it carries out, transformers' generate otherwise; transformers = always generate
+    loop: str = "auto"
 
 
 @dataclass

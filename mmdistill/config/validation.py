@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "rollout.fast": ("auto", "on", "off"),
     "rollout.sampler": ("auto", "multinomial", "inverse_cdf"),  # models/sampling.SAMPLERS (a test checks)
+    "rollout.loop": ("auto", "transformers"),  # models/token_loop.LOOPS (a test checks)
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "eval.model": ("student", "student_init", "teacher", "student_priv", "student_init_priv", "teacher_priv"),
     "eval.extraction": ("tag", "last_number", "regex", "boxed"),

@@ -50,14 +50,19 @@ def extraction_name(ev: Any, samples: list[dict]) -> str:
     return f"eval.extraction={ev.extraction}" + (f", {how}" if how else "")
 
 
+def decoding(rollout: Any) -> dict[str, str]:
+    """How a run's rollouts decode (rollout.fast, .sampler, .loop): evaluation decodes the same way."""
+    return {key: getattr(rollout, key) for key in ("fast", "sampler", "loop")}
+
+
 @torch.no_grad()
 def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_tokens: int, k: int = 1,
               temperature: float = 0.0, top_p: float = 1.0, level: str | None = None, policy: str = "student",
-              fast: str = "auto"):
-    """(texts, token lengths), k per sample in sample order. `fast` is rollout.fast: evaluation
-    decodes as training's rollouts do."""
+              decode: dict[str, str] | None = None):
+    """(texts, token lengths), k per sample in sample order. `decode`: see decoding() (defaults
+    where None)."""
     settings = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, num_rollouts=k,
-                               fast=fast)
+                               **(decode or {}))
     texts, lengths = [], []
     with adapter.deployed():
         for i in range(0, len(samples), batch_size):
@@ -67,11 +72,12 @@ def responses(adapter, model, samples: list[dict], *, batch_size: int, max_new_t
     return texts, lengths
 
 
-def accuracy(adapter, model, samples: list[dict], batch_size: int, max_new_tokens: int, fast: str = "auto") -> float:
+def accuracy(adapter, model, samples: list[dict], batch_size: int, max_new_tokens: int,
+             decode: dict[str, str] | None = None) -> float:
     """Greedy accuracy with each sample's own checker: the number printed before and after training."""
     if not samples:
         raise ValueError("no evaluation samples")
-    texts, _ = responses(adapter, model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, fast=fast)
+    texts, _ = responses(adapter, model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens, decode=decode)
     return sum(is_correct(t, s) for t, s in zip(texts, samples)) / len(samples)
 
 
@@ -83,13 +89,14 @@ def _privileged(adapter, sample: dict) -> str | None:
 
 
 def score_split(adapter, model, samples: list[dict], ev: Any, *, level: str | None = None, policy: str = "student",
-                fast: str = "auto") -> dict:
+                decode: dict[str, str] | None = None) -> dict:
     """Every number of one split's row."""
     if not samples:
         raise ValueError("no evaluation samples")
     k = ev.samples
     texts, lengths = responses(adapter, model, samples, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                               k=k, temperature=ev.temperature, top_p=ev.top_p, level=level, policy=policy, fast=fast)
+                               k=k, temperature=ev.temperature, top_p=ev.top_p, level=level, policy=policy,
+                               decode=decode)
     correct = [is_correct(t, samples[i // k], ev) for i, t in enumerate(texts)]
     no_answer = sum(not has_answer(t, samples[i // k], ev) for i, t in enumerate(texts)) / len(texts)
     per_sample = [sum(correct[i * k : (i + 1) * k]) for i in range(len(samples))]
@@ -174,7 +181,7 @@ def run_eval(cfg: DictConfig, run_dir: Path | None = None) -> tuple[dict, Path]:
     level = "full" if role.endswith("_priv") else None
     skipped: dict = {}
     samples_of = eval_splits(cfg, skipped)
-    splits = {name: score_split(adapter, model, samples, ev, level=level, fast=cfg.rollout.fast)
+    splits = {name: score_split(adapter, model, samples, ev, level=level, decode=decoding(cfg.rollout))
               for name, samples in samples_of.items()}
     warnings = []
     for name, split in splits.items():

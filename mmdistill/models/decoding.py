@@ -1,5 +1,6 @@
 """How rollouts decode: a static KV cache and a compiled decoding step where the model and the
-device allow it, else transformers' eager loop over a dynamic cache.
+device allow it; else eagerly over a dynamic cache, in mmdistill's own loop (models/token_loop.py)
+where the model and settings allow it, else in transformers' `generate`.
 
 An eager decoding step of a small model is hundreds of kernel launches that each do little work
 (SmolLM2-135M at batch 64 on an H200: 25-30 ms a step, the GPU mostly waiting on the host). A
@@ -20,6 +21,7 @@ import torch
 from torch._dynamo.exc import TorchDynamoException
 from transformers import CompileConfig, GenerationConfig, StaticCache
 
+from mmdistill.models import token_loop
 from mmdistill.models.composite import CompositeVLM
 from mmdistill.models.sampling import inverse_cdf_generation, uses_inverse_cdf
 from mmdistill.models.weights import collective
@@ -106,13 +108,11 @@ class Decoder:
         self.cache: tuple[Any, tuple, StaticCache] | None = None  # (model ref, shape key, cache)
 
     def generate(self, model: torch.nn.Module, mode: str, ids: torch.Tensor, attn: torch.Tensor,
-                 gen: GenerationConfig, sampler: str = "auto", **kwargs: Any) -> torch.Tensor:
-        if gen.do_sample and uses_inverse_cdf(sampler, ids.device):
-            gen, kwargs["logits_processor"] = inverse_cdf_generation(gen)
+                 gen: GenerationConfig, sampler: str = "auto", loop: str = "auto", **kwargs: Any) -> torch.Tensor:
         reason = self.failed.get(model) or eager_reason(model, mode)
         if reason is None:
             try:
-                out = self._fast(model, ids, attn, gen, **kwargs)
+                out = self._fast(model, ids, attn, gen, sampler, **kwargs)
             except Exception as exc:
                 if model in self.proven and not isinstance(exc, TorchDynamoException):
                     raise
@@ -123,12 +123,19 @@ class Decoder:
                 self.proven.add(model)
                 return out
         if mode != "off":
-            self.tell(reason)
+            self.tell(f"rollouts decode eagerly: {reason}")
+        if loop == "auto" and token_loop.unfit_model(model, kwargs) is None:
+            steps = token_loop.plan(model, gen, sampler)
+            if isinstance(steps, token_loop.Plan):
+                return token_loop.decode(model, ids, attn, steps)
+            self.tell(f"rollouts decode in transformers' generate: {steps}")
+        gen, kwargs = _with_sampler(gen, sampler, ids.device, kwargs)
         return model.generate(input_ids=ids, attention_mask=attn, generation_config=gen, **kwargs)
 
     def _fast(self, model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, gen: GenerationConfig,
-              **kwargs: Any) -> torch.Tensor:
+              sampler: str, **kwargs: Any) -> torch.Tensor:
         device = ids.device
+        gen, kwargs = _with_sampler(gen, sampler, device, kwargs)
         fast = copy.copy(gen)
         fast.compile_config = compile_config(device)
         cache = self.static_cache(model, ids.shape[0], cache_length(ids.shape[1] + gen.max_new_tokens))
@@ -150,11 +157,21 @@ class Decoder:
         cache.reset()
         return cache
 
-    def tell(self, reason: str) -> None:
-        if reason not in self.told:
-            self.told.add(reason)
+    def tell(self, line: str) -> None:
+        if line not in self.told:
+            self.told.add(line)
             if main_process():
-                print(f"mmdistill: rollouts decode eagerly: {reason}", file=sys.stderr)
+                print(f"mmdistill: {line}", file=sys.stderr)
+
+
+def _with_sampler(gen: GenerationConfig, sampler: str, device: torch.device,
+                  kwargs: dict[str, Any]) -> tuple[GenerationConfig, dict[str, Any]]:
+    """generate's config and keywords for rollout.sampler: the inverse CDF as the last processor
+    of a greedy generate (models/sampling.py)."""
+    if gen.do_sample and uses_inverse_cdf(sampler, device):
+        gen, processors = inverse_cdf_generation(gen)
+        kwargs = {**kwargs, "logits_processor": processors}
+    return gen, kwargs
 
 
 class _StaticCache(StaticCache):

@@ -21,17 +21,22 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 SAMPLERS = ("auto", "multinomial", "inverse_cdf")
 
 
+def inverse_cdf_draw(scores: torch.Tensor) -> torch.Tensor:
+    """One id per row [B], drawn from softmax(scores) with one uniform per row."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    cdf = probs.double().cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # u rounding up to the total (odds ~2**-53) would land past the last id with mass
+    return torch.where(probs.gather(-1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True)).squeeze(1)
+
+
 class InverseCDFSampler(LogitsProcessor):
     """Scores of one drawn id per row (0 there, -inf elsewhere), drawn from softmax(scores)."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float(), dim=-1)
-        cdf = probs.double().cumsum_(-1)
-        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
-        # u rounding up to the total (odds ~2**-53) would land past the last id with mass
-        drawn = torch.where(probs.gather(-1, drawn) > 0, drawn, probs.argmax(-1, keepdim=True))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+        drawn = inverse_cdf_draw(scores)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn.unsqueeze(-1), 0.0)
 
 
 def uses_inverse_cdf(sampler: str, device: torch.device) -> bool:

@@ -10,7 +10,7 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig
 
 from mmdistill.data.sources import load_split, skipped_line
-from mmdistill.evaluation.evaluate import accuracy
+from mmdistill.evaluation.evaluate import accuracy, decoding
 from mmdistill.models.weights import collective
 from mmdistill.reporting.continual import continual_metrics, write_continual
 
@@ -19,7 +19,7 @@ def heldout_accuracy(accelerator, adapter, model, test: list[dict], cfg: DictCon
     """On the main process (the replicas hold the same weights); a sharded model's forward needs
     every rank (FSDP, ZeRO-3), so then all of them score the same samples."""
     scores = accelerator.is_main_process or collective(model)
-    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.rollout.fast)
+    result = [accuracy(adapter, model, test, cfg.eval.batch_size, cfg.eval.max_new_tokens, decoding(cfg.rollout))
               if scores else None]
     return broadcast_object_list(result)[0]
 

@@ -17,8 +17,9 @@ from mmdistill.config import ConfigError, load_config
 from mmdistill.distributed.launch import device_defaults
 from mmdistill.models import decoding
 from mmdistill.models.decoding import cache_length, eager_reason
-from mmdistill.models.loading import load, load_model, load_tokenizer
+from mmdistill.models.loading import load, load_tokenizer
 from mmdistill.tasks import arith, scenes
+from tests.helpers import varied_model
 
 BATCH = 4
 
@@ -31,19 +32,6 @@ def cfg():
 @pytest.fixture(scope="module")
 def tok(cfg):
     return load_tokenizer(cfg.student)
-
-
-def varied_model(cfg, tok):
-    """The tiny student with larger random weights and a likelier EOS: greedy responses that
-    differ between rows and over time, and that stop at different lengths (random tiny models
-    repeat one token and never stop)."""
-    model = load_model(cfg.student, tok, seed=0).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        model.get_output_embeddings().weight[tok.eos_token_id].mul_(3.0)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 from mmdistill.adapters.text import TextAdapter
 from mmdistill.config import load_config
 from mmdistill.config.validation import CHOICES
+from mmdistill.models import sampling, token_loop
 from mmdistill.models.loading import load_model, load_tokenizer
 from mmdistill.models.sampling import SAMPLERS, InverseCDFSampler, inverse_cdf_generation, uses_inverse_cdf
 from mmdistill.tasks import arith
@@ -112,17 +113,24 @@ def test_rollouts_through_generate_draw_what_multinomial_draws_in_distribution(t
         assert ((freq - p).abs() <= 5 * sigma + 1e-9).all(), sampler
 
 
-def test_rollouts_on_the_cpu_sample_by_inverse_cdf_unless_asked_otherwise(tiny, monkeypatch):
+@pytest.mark.parametrize("loop", ["auto", "transformers"])
+def test_rollouts_on_the_cpu_sample_by_inverse_cdf_unless_asked_otherwise(tiny, monkeypatch, loop):
     cfg, tok, model = tiny
     calls = []
-    real = InverseCDFSampler.__call__
-    monkeypatch.setattr(InverseCDFSampler, "__call__", lambda self, i, s: calls.append(1) or real(self, i, s))
-    _, auto_a = _first_tokens(cfg, tok, model, "auto", 8, 3)
+    real = sampling.inverse_cdf_draw
+
+    def counted(scores):
+        calls.append(1)
+        return real(scores)
+
+    monkeypatch.setattr(sampling, "inverse_cdf_draw", counted)  # transformers' generate, through the processor
+    monkeypatch.setattr(token_loop, "inverse_cdf_draw", counted)  # mmdistill's loop
+    _, auto_a = _first_tokens(cfg, tok, model, "auto", 8, 3, loop=loop)
     assert calls
-    _, auto_b = _first_tokens(cfg, tok, model, "auto", 8, 3)
+    _, auto_b = _first_tokens(cfg, tok, model, "auto", 8, 3, loop=loop)
     assert torch.equal(auto_a, auto_b)  # the same seed, the same draws
     calls.clear()
-    _first_tokens(cfg, tok, model, "multinomial", 8, 3)
+    _first_tokens(cfg, tok, model, "multinomial", 8, 3, loop=loop)
     assert not calls
-    _first_tokens(cfg, tok, model, "auto", 8, 3, temperature=0.0)  # greedy: nothing to draw
+    _first_tokens(cfg, tok, model, "auto", 8, 3, temperature=0.0, loop=loop)  # greedy: nothing to draw
     assert not calls
