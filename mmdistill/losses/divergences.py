@@ -31,8 +31,9 @@ def _without_absent(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     On the CPU a boolean mask over the vocabulary and each `where` that reads it cost 2-4 times an
     exp over the same entries (vocabulary 49,152: OPD's closed-form reverse KL took 219 ms per 512
     positions with them, 44 without), and log-probs of finite logits have no -inf: one min over
-    the tensor says so, and the results are the same bit for bit. On an accelerator that min would
-    stop the host once per chunk, while the masks are cheap, so they are always built there."""
+    the tensor says so. The values are the same bit for bit; a gradient that sums more than two
+    uses of lp may add them in another order. On an accelerator that min would stop the host once
+    per chunk, while the masks are cheap, so they are always built there."""
     if lp.device.type == "cpu" and (lp.numel() == 0 or bool(lp.detach().amin() != NEG_INF)):
         return lp, None
     absent = _absent(lp)
