@@ -74,9 +74,6 @@ def loss_calls(vocab: int, rows: int, positions: int) -> dict:
     ids = torch.randint(0, vocab, (rows, positions), generator=g)
     opd = OPD()
 
-    def masked(lp):
-        return lp.masked_fill(lp == float("-inf"), 0.0), lp == float("-inf")
-
     def run(recompute=False, closed=False, logged=True, masks=False):
         def call():
             s = s0.clone().requires_grad_(True)
@@ -87,7 +84,7 @@ def loss_calls(vocab: int, rows: int, positions: int) -> dict:
             real, chunked._ChunkedTokenLoss = chunked._ChunkedTokenLoss, (_Recompute if recompute else
                                                                          chunked._ChunkedTokenLoss)
             without = divergences._without_absent
-            divergences._without_absent = masked if masks else without
+            divergences._without_absent = divergences._masked if masks else without
             try:
                 with skip_diagnostics(not logged):
                     token_loss(opd._per_token, s, [t], w, extras=[ids], **kw).backward()

@@ -36,6 +36,12 @@ def _without_absent(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     per chunk, while the masks are cheap, so they are always built there."""
     if lp.device.type == "cpu" and (lp.numel() == 0 or bool(lp.detach().amin() != NEG_INF)):
         return lp, None
+    return _masked(lp)
+
+
+def _masked(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lp with its -inf entries as 0, where they are): what every device did before the CPU's
+    mask-free path, and what an accelerator always does."""
     absent = _absent(lp)
     return lp.masked_fill(absent, 0.0), absent
 

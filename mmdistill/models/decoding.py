@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import sys
 import weakref
 from typing import Any
@@ -24,6 +23,7 @@ from transformers import CompileConfig, GenerationConfig, StaticCache
 from mmdistill.models import token_loop
 from mmdistill.models.composite import CompositeVLM
 from mmdistill.models.sampling import inverse_cdf_generation, uses_inverse_cdf
+from mmdistill.models.token_loop import cache_keyword, default_cache
 from mmdistill.models.weights import collective
 
 SHORTEST_CACHE = 64
@@ -41,16 +41,10 @@ def eager_reason(model: torch.nn.Module, mode: str) -> str | None:
         return f"{type(model).__name__} is not a transformers generation model"
     if getattr(model.config, "vision_config", None) is not None:
         return f"{type(model).__name__} is a vision-language model (image inputs, multimodal positions)"
-    if not getattr(model, "_can_compile_fullgraph", False) or not _default_cache(model):
+    if not getattr(model, "_can_compile_fullgraph", False) or not default_cache(model):
         return f"{type(model).__name__} does not support a static KV cache"
     device = next(model.parameters()).device
     return _device_reason(device, mode)
-
-
-def _default_cache(model: torch.nn.Module) -> bool:
-    """Whether generate builds the model a standard cache (models with their own, like RWKV, do not)."""
-    supports = getattr(model, "_supports_default_dynamic_cache", None)
-    return supports is None or supports()
 
 
 def _device_reason(device: torch.device, mode: str) -> str | None:
@@ -79,12 +73,6 @@ def compile_config(device: torch.device) -> CompileConfig:
     config = CompileConfig(fullgraph=False, dynamic=False, mode=mode)
     config._compile_all_devices = True  # else transformers compiles on accelerators only (rollout.fast=on on CPU)
     return config
-
-
-def cache_keyword(model: torch.nn.Module) -> str:
-    """Newer transformers call generate's `past_key_values` `cache` (the old name warns); the
-    model's forward says which this version takes."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def main_process() -> bool:

@@ -76,10 +76,21 @@ def unfit_model(model: torch.nn.Module, kwargs: dict[str, Any]) -> str | None:
         return f"{type(model).__name__} is not a decoder-only transformers model"
     if collective(model):
         return "the model is sharded (FSDP2/ZeRO-3): ranks decode in lockstep (synced_gpus)"
-    supports = getattr(model, "_supports_default_dynamic_cache", None)
-    if supports is not None and not supports():
+    if not default_cache(model):
         return f"{type(model).__name__} keeps its own kind of cache"
     return None
+
+
+def default_cache(model: torch.nn.Module) -> bool:
+    """Whether generate builds the model a standard cache (models with their own, like RWKV, do not)."""
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    return supports is None or supports()
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """Newer transformers call generate's `past_key_values` `cache` (the old name warns); the
+    model's forward says which this version takes."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def plan(model: torch.nn.Module, gen: GenerationConfig, sampler: str) -> Plan | str:
@@ -141,15 +152,14 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, plan: 
     """[B, prompt + new] ids: the prompt, then each row's tokens, padding after its EOS; stops
     when every row has ended or at max_new_tokens, as generate does."""
     rows, device = ids.shape[0], ids.device
-    forward = inspect.signature(type(model).forward).parameters
-    cache_key = "cache" if "cache" in forward else "past_key_values"
+    cache_key = cache_keyword(model)
     try:
         cache = DynamicCache(config=model.config)
     except TypeError:  # transformers before the config argument
         cache = DynamicCache()
     positions = attn.long().cumsum(-1) - 1
     positions.masked_fill_(attn == 0, 1)
-    first = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+    first = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
                    **{cache_key: cache}, **first).logits
     eos = torch.tensor(plan.eos, device=device)
