@@ -25,6 +25,13 @@ def _absent(lp: torch.Tensor) -> torch.Tensor:
     return lp == NEG_INF
 
 
+def none_absent(*lps: torch.Tensor) -> bool:
+    """Whether these are CPU tensors without a -inf entry, so that a function of them may skip its
+    masks (see _without_absent); always False on an accelerator."""
+    return all(lp.device.type == "cpu" and (lp.numel() == 0 or bool(lp.detach().amin() != NEG_INF))
+               for lp in lps)
+
+
 def _without_absent(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(lp with its -inf entries as 0, where they are), or (lp, None) for a CPU tensor without any.
 
@@ -34,7 +41,7 @@ def _without_absent(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     the tensor says so. The values are the same bit for bit; a gradient that sums more than two
     uses of lp may add them in another order. On an accelerator that min would stop the host once
     per chunk, while the masks are cheap, so they are always built there."""
-    if lp.device.type == "cpu" and (lp.numel() == 0 or bool(lp.detach().amin() != NEG_INF)):
+    if none_absent(lp):
         return lp, None
     return _masked(lp)
 

@@ -49,7 +49,7 @@ import torch
 
 from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
 from mmdistill.losses.chunked import EMPTY_SEQUENCES, reduction_weights, token_loss
-from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd
+from mmdistill.losses.divergences import JSD_SCALES, entropy, forward_kl, generalized_jsd, none_absent
 from mmdistill.methods.base import (
     check_chunk_size,
     check_reduction,
@@ -78,6 +78,9 @@ def anchored_residual_target(
     lp_full, lp_partial: [..., V] log-probs (already at the temperature). clip None or <= 0:
     no clip. See the module docstring for entries that are -inf in either view.
     """
+    if none_absent(lp_full, lp_partial):  # no entry to mask: the same numbers, without the masks
+        r = lp_full - lp_partial
+        return torch.log_softmax(lp_partial + lam * (r if clip is None or clip <= 0 else r.clamp(-clip, clip)), dim=-1)
     absent_p = lp_partial == NEG_INF
     absent_f = lp_full == NEG_INF
     safe_p = lp_partial.masked_fill(absent_p, 0.0)

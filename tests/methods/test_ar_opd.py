@@ -247,6 +247,29 @@ def test_nonpositive_clip_means_no_clip(clip):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_views_without_zeros_build_the_masked_target_bit_for_bit(dtype, monkeypatch):
+    """On the CPU, two views with no -inf entry build the target without boolean masks: the
+    same numbers as the masked path, for every lam and clip; one -inf takes the masked path."""
+    import mmdistill.methods.ar_opd as A
+
+    g = torch.Generator().manual_seed(3)
+    lf = torch.log_softmax(torch.randn(4, 6, 40, generator=g, dtype=dtype) * 4, -1)
+    lp = torch.log_softmax(torch.randn(4, 6, 40, generator=g, dtype=dtype) * 4, -1)
+    settings = [(lam, clip) for lam in (0.0, 0.8, 1.0, 1.5) for clip in (5.0, 0.3, None, 0.0)]
+    taken = []
+    real = A.none_absent
+    monkeypatch.setattr(A, "none_absent", lambda *t: taken.append(real(*t)) or taken[-1])
+    fast = [anchored_residual_target(lf, lp, lam, clip) for lam, clip in settings]
+    assert taken == [True] * len(settings)
+    monkeypatch.setattr(A, "none_absent", lambda *t: False)
+    for (lam, clip), got in zip(settings, fast):
+        assert torch.equal(got, anchored_residual_target(lf, lp, lam, clip)), (lam, clip)
+    assert (lf - lp).abs().max() > 5  # the clip at 5 and 0.3 both bind somewhere
+    lf[0, 0, 0] = -INF
+    assert not real(lf, lp)
+
+
 # ---------------------------------------------------------------- -inf entries
 
 
