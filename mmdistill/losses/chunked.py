@@ -50,6 +50,11 @@ def skip_diagnostics(skip: bool = True) -> Iterator[None]:
         _DIAGNOSE.reset(token)
 
 
+def diagnosing() -> bool:
+    """Whether losses compute their per-token diagnostics now (see skip_diagnostics)."""
+    return _DIAGNOSE.get()
+
+
 # How a "seq" mean treats a sequence with no token in the mask (e.g. a response no longer than
 # AR-OPD's skip): left out of the mean, or counted as a 0 (the AR-OPD release's batch mean).
 EMPTY_SEQUENCES = ("exclude", "zero")
@@ -203,7 +208,7 @@ def token_loss(
     """
     if (diagnostics is None) != (diag_out is None):
         raise ValueError("diagnostics and diag_out go together")
-    if not _DIAGNOSE.get():
+    if not diagnosing():
         diagnostics = diag_out = None
     targets = [t.detach() for t in targets]
     auto = chunk_size is None

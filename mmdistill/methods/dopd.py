@@ -47,7 +47,7 @@ import math
 import torch
 
 from mmdistill.core.batch import Batch, SparseLogProbs, ViewLogits
-from mmdistill.losses.chunked import reduction_weights, token_loss, token_values
+from mmdistill.losses.chunked import diagnosing, reduction_weights, token_loss, token_values
 from mmdistill.losses.divergences import entropy, entropy_and_reverse_kls, js, reverse_kl, topk_reverse_kl
 from mmdistill.losses.sparse import tail_buckets, teacher_topk
 from mmdistill.methods.base import (
@@ -295,19 +295,25 @@ class DOPD:
     def token_statistics(self, views: ViewLogits, batch: Batch) -> dict[str, torch.Tensor]:
         """log q_S and log q_T of this micro-batch's response tokens, 1-D in mask order: what the
         step's thresholds are computed from. Reads only `statistics_views` (no gradient)."""
+        mask = batch.response_mask.bool()
+        return {k: v[mask.to(v.device)] for k, v in self._sampled_logprobs(views, batch).items()}
+
+    def _sampled_logprobs(self, views: ViewLogits, batch: Batch) -> dict[str, torch.Tensor]:
+        """[B, N] log q_S and log q_T of the sampled tokens (0 off the response), from the two
+        statistics views alone: routing's inputs, without the student's view or any diagnostic."""
         p = views[self.self_view].detach()
         mask = batch.response_mask.bool().to(p.device)
         ids = safe_ids(batch.response_ids.to(p.device), mask)
+        zero = torch.zeros(mask.shape, device=p.device)
         if isinstance(views["teacher_full"], SparseLogProbs):
             t = served_target(views, "teacher_full", p)
             got = token_values(lambda lp, i: {"log_qs": gather_at(lp, i)}, p, [], mask, extras=[ids],
                                chunk_size=self.chunk_size)
-            return {"log_qs": got.get("log_qs", torch.zeros(mask.shape, device=p.device))[mask],
-                    "log_qt": t.sampled.float()[mask]}
+            return {"log_qs": got.get("log_qs", zero), "log_qt": torch.where(mask, t.sampled.float(), zero)}
         t = target_logits(views, "teacher_full", p)
         got = token_values(lambda lp, lt, i: {"log_qs": gather_at(lp, i), "log_qt": gather_at(lt, i)}, p, [t], mask,
                            extras=[ids], chunk_size=self.chunk_size)
-        return {k: got.get(k, torch.zeros(mask.shape, device=p.device))[mask] for k in ("log_qs", "log_qt")}
+        return {k: got.get(k, zero) for k in ("log_qs", "log_qt")}
 
     def fit(self, statistics: dict[str, torch.Tensor] | None) -> None:
         """The step's thresholds from every micro-batch's `token_statistics` on every process,
@@ -432,8 +438,10 @@ class DOPD:
         ids = safe_ids(batch.response_ids.to(s.device), mask)
         zero = torch.zeros_like(weight)
 
-        # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics.
-        if served:
+        # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics on a step that is logged.
+        if not diagnosing():
+            first = self._sampled_logprobs(views, batch)
+        elif served:
             first = token_values(self._first_pass_sparse, s.detach(), [p], mask,
                                  extras=[ids, t.ids, t.logprobs, t.sampled], chunk_size=self.chunk_size)
         else:
@@ -461,7 +469,7 @@ class DOPD:
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
         contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero)
                          for code, name in enumerate(REGIMES)}
-        diag = {k: first.get(k, zero) for k in DIAGNOSTICS}
+        diag = {k: first.get(k, zero) for k in DIAGNOSTICS} if diagnosing() else {}
         metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight),
                    **weighted_means(contributions, weight)}
         return loss, metrics

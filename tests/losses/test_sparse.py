@@ -180,3 +180,19 @@ def test_dopd_on_a_served_teacher_routes_exactly_and_approximates_only_ht(ht_div
     stats = method.token_statistics({**views, "teacher_full": served}, batch)
     ref_stats = method.token_statistics({**views, "teacher_full": ref_t}, batch)
     torch.testing.assert_close(stats["log_qt"], ref_stats["log_qt"].float())
+
+
+def test_dopd_on_a_served_teacher_skips_its_diagnostics_on_a_step_nobody_logs(monkeypatch):
+    import mmdistill.methods.dopd as D
+    from mmdistill.losses.chunked import skip_diagnostics
+
+    s, _, p, _, served, batch = case(2)
+    method = DOPD(topk=4, topk_from="teacher", trim=0.0, chunk_size=0)
+    views = {"student": s, "student_priv": p, "teacher_full": served}
+    loss, metrics, grad = run_loss(method, views, batch)
+    monkeypatch.setattr(D.DOPD, "_first_pass_sparse", lambda *a: pytest.fail("diagnostics computed"))
+    with skip_diagnostics():
+        loss_s, metrics_s, grad_s = run_loss(method, views, batch)
+    assert torch.equal(loss, loss_s) and torch.equal(grad, grad_s)
+    assert set(metrics) - set(metrics_s) == set(D.DIAGNOSTICS)
+    assert all(metrics[k] == metrics_s[k] for k in metrics_s)

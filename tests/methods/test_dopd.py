@@ -9,7 +9,7 @@ import torch
 
 from mmdistill.core.batch import Batch
 from mmdistill.losses.divergences import reverse_kl
-from mmdistill.methods.dopd import DOPD, HS, HT, LH, LL, route, shuffle_regimes, trimmed_mean
+from mmdistill.methods.dopd import DIAGNOSTICS, DOPD, HS, HT, LH, LL, route, shuffle_regimes, trimmed_mean
 from tests.helpers import ref_reduce
 
 B, N, V = 3, 6, 8
@@ -727,3 +727,25 @@ def test_a_dopd_run_says_its_caveat_once_at_the_start(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "not shown to beat full privileged OPD" in line]
     assert len(lines) == 1 and lines[0].startswith("mmdistill: method=dopd is")
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_a_step_nobody_logs_skips_the_diagnostics_and_keeps_the_loss(chunk, monkeypatch):
+    """Under skip_diagnostics (a metrics row nobody logs) the first pass reads only the two
+    statistics views: the same routing, loss and gradient bit for bit, and no diagnostic."""
+    import mmdistill.methods.dopd as D
+    from mmdistill.losses.chunked import skip_diagnostics
+
+    zs, zp, zt, ids = make_case(4)
+    out, calls = {}, []
+    real = D.entropy_and_reverse_kls
+    monkeypatch.setattr(D, "entropy_and_reverse_kls", lambda *a: calls.append(1) or real(*a))
+    for skip in (False, True):
+        calls.clear()
+        with skip_diagnostics(skip):
+            out[skip] = run(DOPD(topk=3, chunk_size=chunk), zs, zp, zt, ids)
+        assert bool(calls) != skip
+    (loss, metrics, s, *_), (loss_s, metrics_s, s_s, *_) = out[False], out[True]
+    assert torch.equal(loss, loss_s) and torch.equal(s.grad, s_s.grad)
+    assert set(metrics) - set(metrics_s) == set(DIAGNOSTICS)
+    assert all(metrics[k] == metrics_s[k] for k in metrics_s)
