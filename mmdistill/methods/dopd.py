@@ -437,9 +437,10 @@ class DOPD:
         weight = reduction_weights(mask, self.reduction).to(s.device)
         ids = safe_ids(batch.response_ids.to(s.device), mask)
         zero = torch.zeros_like(weight)
+        logged = diagnosing()
 
         # Pass 1 (no grad): q_S, q_T on the sampled tokens, and the diagnostics on a step that is logged.
-        if not diagnosing():
+        if not logged:
             first = self._sampled_logprobs(views, batch)
         elif served:
             first = token_values(self._first_pass_sparse, s.detach(), [p], mask,
@@ -469,7 +470,7 @@ class DOPD:
             loss = s.reshape(-1)[:0].sum().to(torch.promote_types(s.dtype, torch.float32))
         contributions = {f"loss_{name}": torch.where(regime == code, per_token, zero)
                          for code, name in enumerate(REGIMES)}
-        diag = {k: first.get(k, zero) for k in DIAGNOSTICS} if diagnosing() else {}
+        diag = {k: first.get(k, zero) for k in DIAGNOSTICS} if logged else {}
         metrics = {"loss": float(loss.detach()), **stats, **weighted_means(diag, weight),
                    **weighted_means(contributions, weight)}
         return loss, metrics
